@@ -1,0 +1,28 @@
+//! Compiles `proto/hexveil/v1/*.proto` with the pure-Rust `protox` compiler (no system
+//! `protoc` needed) and writes the descriptor set that server reflection serves.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "proto/hexveil/v1/common.proto",
+    "proto/hexveil/v1/consent.proto",
+    "proto/hexveil/v1/transparency.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    // prost-build ignores `file_descriptor_set_path` when handed a compiled set, so the
+    // reflection descriptor is written here.
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("hexveil_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Domain records to protobuf messages (the outbound half of the boundary; inbound
+//! conversion is validation, in `validate.rs`).
+
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::consent::{MyData, ReceiptView};
+use crate::model::Purpose;
+use crate::policy::PrivacyPolicy;
+
+use super::pb;
+
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let ms = t.millis();
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        // Unwrap safety: rem_euclid(1000) * 1e6 is below 1e9 and fits in i32.
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).expect("below 1e9"),
+    }
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn purpose(p: Purpose) -> pb::Purpose {
+    match p {
+        Purpose::NearbyOffers => pb::Purpose::NearbyOffers,
+        Purpose::FootTraffic => pb::Purpose::FootTraffic,
+    }
+}
+
+pub fn receipt(view: &ReceiptView) -> pb::ConsentReceipt {
+    let r = &view.receipt;
+    pb::ConsentReceipt {
+        receipt_id: r.receipt_id.clone(),
+        purposes: r.purposes.iter().map(|p| purpose(p) as i32).collect(),
+        granted_at: Some(timestamp(r.granted_at)),
+        policy_version: r.policy_version.clone(),
+        principal_id: r.device.to_hex(),
+        controller: r.controller.clone(),
+        expires_at: Some(timestamp(view.expires_at)),
+        withdrawn: view.withdrawn,
+    }
+}
+
+pub fn my_data(d: &MyData) -> pb::MyData {
+    let deadline = d.retention_deadline.map(timestamp);
+    pb::MyData {
+        principal_id: d.device.map(|id| id.to_hex()).unwrap_or_default(),
+        receipts: d.receipts.iter().map(receipt).collect(),
+        current_cell: d.current_cell.map(|c| pb::CurrentCell {
+            cell: c.cell,
+            since: Some(timestamp(c.since)),
+            last_seen: Some(timestamp(c.last_seen)),
+            retention_deadline: deadline,
+        }),
+        notifications: Vec::new(),
+        restrictions: Vec::new(),
+        pending_contributions: None,
+        retention_deadline: deadline,
+        last_activity: d.last_activity.map(timestamp),
+    }
+}
+
+pub fn privacy_policy(p: &PrivacyPolicy<'_>) -> pb::PrivacyPolicy {
+    let c = &p.settings.config;
+    let caps = &p.settings.consequences.caps;
+    let dp = &p.settings.consequences.privacy;
+    pb::PrivacyPolicy {
+        controller: c.policy.controller.clone(),
+        policy_version: c.policy.version.clone(),
+        max_cell_resolution: u32::from(c.location.max_resolution),
+        max_cell_area_km2: p.max_cell_area_km2,
+        finer_cells: match c.location.finer_cells {
+            crate::config::FinerCells::Coarsen => "coarsen",
+            crate::config::FinerCells::Reject => "reject",
+        }
+        .to_string(),
+        retention: Some(pb::Retention {
+            device_state: Some(duration(c.retention.device_state())),
+            contributions: Some(duration(c.insights.bucket.get() + c.insights.grace.get())),
+            max_report_age: Some(duration(c.offers.max_report_age.get())),
+        }),
+        caps: Some(pb::PrivacyCaps {
+            min_dwell: Some(duration(c.caps.min_dwell.get())),
+            quiet_hours: c.caps.quiet_hours.to_string(),
+            min_interval: Some(duration(c.caps.min_interval.get())),
+            per_device_per_day: c.caps.per_device_per_day,
+            per_device_per_week: c.caps.per_device_per_week,
+            per_merchant_per_device_per_week: c.caps.per_merchant_per_device_per_week,
+            dismissal_backoff: c
+                .caps
+                .dismissal_backoff
+                .iter()
+                .map(|d| duration(d.get()))
+                .collect(),
+            per_cell_per_minute: c.caps.per_cell_per_minute,
+            ignore_fatigue_after: c.caps.ignore_fatigue_after,
+            max_report_age: Some(duration(c.offers.max_report_age.get())),
+            max_offers_per_reply: c.offers.max_offers_per_reply,
+            max_notifications_per_day: caps.max_notifications_per_device_per_day,
+            max_notifications_per_week: caps.max_notifications_per_device_per_week,
+        }),
+        privacy: Some(pb::DifferentialPrivacy {
+            mechanism: dp.mechanism.to_string(),
+            epsilon_per_device_per_day: dp.epsilon_per_device_per_day,
+            delta: dp.delta,
+            max_epsilon_per_device_per_day: c.privacy.max_epsilon_per_device_per_day,
+            rho_per_device_per_day: dp.rho_per_device_per_day,
+            noise_scale: dp.noise_scale,
+            noise_std_dev: dp.noise_std_dev,
+            ci95_half_width: dp.ci95_half_width,
+            threshold: dp.threshold,
+            max_cells_per_bucket: c.privacy.max_cells_per_bucket,
+            bucket: Some(duration(c.insights.bucket.get())),
+            grace: Some(duration(c.insights.grace.get())),
+            insights_resolution: u32::from(c.insights.resolution),
+        }),
+        recipients: p
+            .recipients
+            .iter()
+            .map(|r| pb::DataRecipient {
+                recipient: r.recipient.to_string(),
+                receives: r.receives.clone(),
+            })
+            .collect(),
+        purposes: Purpose::ALL.iter().map(|p| purpose(*p) as i32).collect(),
+        exclusion_areas: u32::try_from(c.exclusions.cells.len()).unwrap_or(u32::MAX),
+        summary: p.summary.clone(),
+    }
+}

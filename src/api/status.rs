@@ -1,0 +1,89 @@
+//! The one map from errors to gRPC statuses, with rich details (tonic-types): BadRequest
+//! naming each field, RetryInfo on rate limits. Internal details are logged, never sent.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::consent::ConsentError;
+use crate::store::StoreError;
+
+/// Every way an API call can fail, as the client should see it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// One or more fields are invalid: (field, description) pairs.
+    #[error("invalid argument: {0:?}")]
+    InvalidArgument(Vec<(String, String)>),
+    #[error("not found: {0}")]
+    NotFound(&'static str),
+    #[error("unauthenticated")]
+    Unauthenticated,
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// A single-field validation error.
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        ApiError::InvalidArgument(vec![(field.into(), description.into())])
+    }
+}
+
+impl From<ConsentError> for ApiError {
+    fn from(e: ConsentError) -> Self {
+        match e {
+            ConsentError::NotFound => ApiError::NotFound("no consent on record for this device"),
+            ConsentError::Store(s) => ApiError::Store(s),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::InvalidArgument(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|(f, d)| format!("{f}: {d}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let details = ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|(f, d)| FieldViolation::new(f, d))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::NotFound(what) => Status::not_found(what),
+            ApiError::Unauthenticated => {
+                Status::unauthenticated("missing or invalid API key (authorization: Bearer <key>)")
+            }
+            ApiError::PermissionDenied(why) => Status::permission_denied(why),
+            ApiError::RateLimited { retry_after } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("rate limited; retry after {} ms", retry_after.as_millis()),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            ApiError::Store(err) => {
+                metrics::counter!("hexveil_store_errors_total", "kind" => err.error_code())
+                    .increment(1);
+                match err {
+                    StoreError::Unavailable(detail) => {
+                        tracing::warn!(%detail, "store unavailable");
+                        Status::unavailable("the store is unavailable; nothing was changed")
+                    }
+                    StoreError::Config(detail) | StoreError::Corrupt(detail) => {
+                        tracing::error!(%detail, "internal store error");
+                        Status::internal("internal error")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Consent and transparency: receipts, what is held about a device, erasure, retention.
+//!
+//! API boundary: callers pass a [`DeviceId`], never a token. Architecture invariant: an empty
+//! purpose list erases the device (nothing is kept "just in case"), and every item shown by
+//! [`Consents::my_data`] carries the deadline by which it is deleted.
+
+use std::time::Duration;
+
+use crate::clock::{SharedClock, Timestamp};
+use crate::model::{ConsentReceipt, CurrentCell, Purposes};
+use crate::pseudonym::DeviceId;
+use crate::settings::LiveSettings;
+use crate::store::{Store, StoreError};
+
+/// Why a consent operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConsentError {
+    /// The device has no consent on record.
+    #[error("no consent on record for this device")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A receipt as shown to the device: the stored receipt plus what follows from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptView {
+    pub receipt: ConsentReceipt,
+    /// When the consent (and all state kept under it) expires without activity.
+    pub expires_at: Timestamp,
+    /// True for the receipt of a withdrawal (empty purposes); such receipts are not stored.
+    pub withdrawn: bool,
+}
+
+/// Everything held about one device, each item with its deletion deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MyData {
+    pub device: Option<DeviceId>,
+    pub receipts: Vec<ReceiptView>,
+    pub current_cell: Option<CurrentCell>,
+    pub last_activity: Option<Timestamp>,
+    /// When everything expires if the device stays inactive.
+    pub retention_deadline: Option<Timestamp>,
+}
+
+/// The consent and transparency domain service.
+#[derive(Debug, Clone)]
+pub struct Consents {
+    store: Store,
+    clock: SharedClock,
+    settings: LiveSettings,
+}
+
+impl Consents {
+    pub fn new(store: Store, clock: SharedClock, settings: LiveSettings) -> Self {
+        Consents {
+            store,
+            clock,
+            settings,
+        }
+    }
+
+    fn retention(&self) -> Duration {
+        self.settings.current().config.retention.device_state()
+    }
+
+    /// Replaces the device's consent with `purposes`. An empty set withdraws consent and
+    /// erases everything held about the device; the returned receipt records the withdrawal.
+    pub async fn set(
+        &self,
+        device: DeviceId,
+        purposes: Purposes,
+        policy_version: String,
+    ) -> Result<ReceiptView, ConsentError> {
+        let now = self.clock.now();
+        let settings = self.settings.current();
+        let receipt = ConsentReceipt {
+            receipt_id: uuid::Uuid::new_v4().to_string(),
+            device,
+            purposes,
+            granted_at: now,
+            policy_version,
+            controller: settings.config.policy.controller.clone(),
+        };
+        if purposes.is_empty() {
+            let erased = self.store.erase_device(device).await?;
+            tracing::info!(%device, erased, "consent withdrawn, device erased");
+            metrics::counter!("hexveil_consent_withdrawals_total").increment(1);
+            return Ok(ReceiptView {
+                receipt,
+                expires_at: now,
+                withdrawn: true,
+            });
+        }
+        self.store.put_consent(receipt.clone(), now).await?;
+        for p in purposes.iter() {
+            metrics::counter!("hexveil_consent_grants_total", "purpose" => p.as_str()).increment(1);
+        }
+        Ok(ReceiptView {
+            receipt,
+            expires_at: now.plus(self.retention()),
+            withdrawn: false,
+        })
+    }
+
+    /// The receipt in force, or [`ConsentError::NotFound`].
+    pub async fn get(&self, device: DeviceId) -> Result<ReceiptView, ConsentError> {
+        let snapshot = self
+            .store
+            .device_snapshot(device)
+            .await?
+            .ok_or(ConsentError::NotFound)?;
+        let expires_at = snapshot.last_activity.plus(self.retention());
+        let receipt = snapshot
+            .receipts
+            .into_iter()
+            .next()
+            .ok_or(ConsentError::NotFound)?;
+        Ok(ReceiptView {
+            receipt,
+            expires_at,
+            withdrawn: false,
+        })
+    }
+
+    /// Everything held about the device (empty when nothing is).
+    pub async fn my_data(&self, device: DeviceId) -> Result<MyData, ConsentError> {
+        let Some(snapshot) = self.store.device_snapshot(device).await? else {
+            return Ok(MyData::default());
+        };
+        let deadline = snapshot.last_activity.plus(self.retention());
+        Ok(MyData {
+            device: Some(device),
+            receipts: snapshot
+                .receipts
+                .into_iter()
+                .map(|receipt| ReceiptView {
+                    receipt,
+                    expires_at: deadline,
+                    withdrawn: false,
+                })
+                .collect(),
+            current_cell: snapshot.current_cell,
+            last_activity: Some(snapshot.last_activity),
+            retention_deadline: Some(deadline),
+        })
+    }
+
+    /// Erases everything held about the device; returns the number of records erased.
+    pub async fn forget(&self, device: DeviceId) -> Result<u64, ConsentError> {
+        let erased = self.store.erase_device(device).await?;
+        metrics::counter!("hexveil_forget_me_total").increment(1);
+        tracing::info!(%device, erased, "device erased on request");
+        Ok(erased)
+    }
+
+    /// Erases every device idle for longer than `retention.device_days`; returns how many.
+    pub async fn expire_idle(&self) -> Result<u64, ConsentError> {
+        let cutoff = self.clock.now().minus(self.retention());
+        let n = self.store.expire_idle(cutoff).await?;
+        if n > 0 {
+            tracing::info!(devices = n, "retention expired idle devices");
+        }
+        metrics::counter!("hexveil_retention_expired_devices_total").increment(n);
+        Ok(n)
+    }
+}

@@ -1,0 +1,150 @@
+//! The privacy policy in force, generated from the live settings: a machine-readable record
+//! and a plain-language summary built from the same numbers, so the text people read can
+//! never drift from what the system does.
+
+use crate::cells;
+use crate::config::{FinerCells, InsightsScope, MechanismKind};
+use crate::settings::Settings;
+
+/// Who receives what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub recipient: &'static str,
+    pub receives: String,
+}
+
+/// The machine-readable policy (the live settings plus derived figures) and its summary.
+#[derive(Debug, Clone)]
+pub struct PrivacyPolicy<'a> {
+    pub settings: &'a Settings,
+    pub max_cell_area_km2: f64,
+    pub recipients: Vec<Recipient>,
+    pub summary: String,
+}
+
+impl<'a> PrivacyPolicy<'a> {
+    /// The policy of `settings`.
+    pub fn of(settings: &'a Settings) -> Self {
+        let area = cells::average_area_km2(settings.config.location.max_resolution);
+        PrivacyPolicy {
+            settings,
+            max_cell_area_km2: area,
+            recipients: recipients(settings),
+            summary: summary(settings, area),
+        }
+    }
+}
+
+fn recipients(s: &Settings) -> Vec<Recipient> {
+    let scope = match s.config.insights.scope {
+        InsightsScope::OwnArea => "around their own locations",
+        InsightsScope::All => "in every released area",
+    };
+    vec![
+        Recipient {
+            recipient: "the device itself",
+            receives: "everything held about it (GetMyData), at any time".to_string(),
+        },
+        Recipient {
+            recipient: "merchants",
+            receives: format!(
+                "counts of people per area and {} {scope}, only after differential-privacy noise \
+                 is added; never an individual, a device id or a location history",
+                s.config.insights.bucket
+            ),
+        },
+        Recipient {
+            recipient: "other companies",
+            receives: "nothing".to_string(),
+        },
+    ]
+}
+
+fn plural(n: u32, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+fn summary(s: &Settings, area_km2: f64) -> String {
+    let c = &s.config;
+    let caps = &s.consequences.caps;
+    let dp = &s.consequences.privacy;
+    let mut out = Vec::new();
+    out.push(format!(
+        "{} runs this service (privacy policy version {}).",
+        c.policy.controller, c.policy.version
+    ));
+    out.push(format!(
+        "Your app shares only a coarse area, never coordinates: at most an H3 cell of resolution \
+         {} (about {:.2} km²). {}",
+        c.location.max_resolution,
+        area_km2,
+        match c.location.finer_cells {
+            FinerCells::Coarsen => "Anything more precise is made coarser before it is used.",
+            FinerCells::Reject => "Anything more precise is refused.",
+        }
+    ));
+    out.push(
+        "Your device is known only by a keyed pseudonym; its identifier is never stored. \
+         No history of where you have been is kept: only your current area and since when."
+            .to_string(),
+    );
+    out.push(format!(
+        "Nearby offers (only if you allow them): at most {} per day and {} per week, at least {} \
+         apart, {}, and only after you have spent {} in an area. At most {} from the same merchant \
+         per week. Dismissing a merchant's offer pauses it for longer each time; muting a merchant \
+         stops it until you withdraw consent.",
+        plural(caps.max_notifications_per_device_per_day, "offer", "offers"),
+        caps.max_notifications_per_device_per_week,
+        c.caps.min_interval,
+        if c.caps.quiet_hours.0.is_some() {
+            format!("never between {} (your local time)", c.caps.quiet_hours)
+        } else {
+            "at any time of day".to_string()
+        },
+        c.caps.min_dwell,
+        c.caps.per_merchant_per_device_per_week,
+    ));
+    let mechanism = match c.privacy.mechanism {
+        MechanismKind::Gaussian => "discrete Gaussian",
+        MechanismKind::Laplace => "discrete Laplace",
+    };
+    let delta = if dp.delta > 0.0 {
+        format!(" (δ = {:e})", dp.delta)
+    } else {
+        String::new()
+    };
+    out.push(format!(
+        "Foot traffic (only if you allow it): merchants see how many devices were in an area per \
+         {}, with random {mechanism} noise added (standard deviation {:.1}; 95% of released counts \
+         are within ±{:.0} of the truth). Counts below {} are shown only as \"few\". You are counted \
+         in at most {} areas per period and {} per day, so the privacy loss for you is at most \
+         ε = {:.2} per day{delta}, within the promised ε = {}.",
+        c.insights.bucket,
+        dp.noise_std_dev,
+        dp.ci95_half_width,
+        dp.threshold,
+        c.privacy.max_cells_per_bucket,
+        dp.contributions_per_day,
+        dp.epsilon_per_device_per_day,
+        c.privacy.max_epsilon_per_device_per_day,
+    ));
+    out.push(format!(
+        "Retention: everything about your device is deleted after {} without activity; raw \
+         foot-traffic records are deleted as soon as their period is released. You can see \
+         everything held about you and erase it at any time; nothing is shared with other \
+         companies.",
+        plural(c.retention.device_days, "day", "days"),
+    ));
+    if !c.exclusions.cells.is_empty() {
+        out.push(format!(
+            "{} sensitive areas (such as clinics or places of worship) are excluded: no offers \
+             there and nobody is counted there.",
+            c.exclusions.cells.len()
+        ));
+    }
+    out.join(" ")
+}

@@ -1,0 +1,7 @@
+//! Differential privacy: accounting (what a release schedule costs per device) and noise
+//! (opendp's mechanisms, never a hand-written sampler).
+//!
+//! Architecture invariant: nothing leaves this module towards a merchant without noise.
+
+pub mod accounting;
+pub mod mechanism;

@@ -1,0 +1,239 @@
+//! Hot reload: on a change to the config file (or SIGHUP) the file is read, validated and
+//! swapped in atomically; an invalid file is refused with the key named, counted in a metric,
+//! and the old config stays in force. Every accepted or refused change is appended to the
+//! audit log `<data_dir>/config-audit.jsonl` with the time, a diff of the keys and the
+//! consequences of the new config.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, ConfigError};
+use crate::settings::{LiveSettings, Settings};
+
+/// File name of the audit log inside the data dir.
+pub const AUDIT_LOG_FILE: &str = "config-audit.jsonl";
+
+/// Keys that are read once at start; a reload keeps their running values and says so.
+pub const RESTART_ONLY_KEYS: [&str; 4] = [
+    "server.grpc_listen",
+    "server.http_listen",
+    "store.url",
+    "store.data_dir",
+];
+
+/// Where the config comes from: an optional file plus command-line overrides (env is read
+/// at each load, so an env change applies at the next reload too).
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub flags: Vec<(String, toml::Value)>,
+}
+
+impl ConfigSource {
+    /// Loads and validates the config.
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        let config = Config::load(self.path.as_deref(), std::env::vars(), &self.flags)?;
+        Settings::new(config)
+    }
+}
+
+/// Flattens a config into `section.key -> value` for diffs.
+fn flatten(config: &Config) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(config) {
+        for (section, value) in sections {
+            if let toml::Value::Table(keys) = value {
+                for (key, v) in keys {
+                    out.insert(format!("{section}.{key}"), v.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The keys whose values differ, as `(key, old, new)`.
+pub fn diff(old: &Config, new: &Config) -> Vec<(String, String, String)> {
+    let (a, b) = (flatten(old), flatten(new));
+    b.iter()
+        .filter_map(|(k, v)| {
+            let before = a.get(k).cloned().unwrap_or_default();
+            (before != *v).then(|| (k.clone(), before, v.clone()))
+        })
+        .collect()
+}
+
+/// Re-reads the config source into the live settings, with an audit trail.
+#[derive(Debug)]
+pub struct Reloader {
+    source: ConfigSource,
+    live: LiveSettings,
+    clock: SharedClock,
+    audit_path: PathBuf,
+    // Serializes reloads so two triggers cannot interleave their audit lines.
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        source: ConfigSource,
+        live: LiveSettings,
+        clock: SharedClock,
+        data_dir: &Path,
+    ) -> Self {
+        Reloader {
+            source,
+            live,
+            clock,
+            audit_path: data_dir.join(AUDIT_LOG_FILE),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// The config file being watched, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.source.path.as_deref()
+    }
+
+    /// Reloads now. `Ok(true)` when a changed config was put in force, `Ok(false)` when the
+    /// file is unchanged, `Err` (old config kept) when it is invalid.
+    pub fn reload(&self, trigger: &str) -> Result<bool, ConfigError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.live.current();
+        match self.source.load() {
+            Ok(mut new) => {
+                let mut kept = Vec::new();
+                for key in RESTART_ONLY_KEYS {
+                    let changed = match key {
+                        "server.grpc_listen" => {
+                            old.config.server.grpc_listen != new.config.server.grpc_listen
+                        }
+                        "server.http_listen" => {
+                            old.config.server.http_listen != new.config.server.http_listen
+                        }
+                        "store.url" => old.config.store.url != new.config.store.url,
+                        _ => old.config.store.data_dir != new.config.store.data_dir,
+                    };
+                    if changed {
+                        kept.push(key);
+                    }
+                }
+                new.config.server = old.config.server.clone();
+                new.config.store = old.config.store.clone();
+                for key in &kept {
+                    tracing::warn!(key, "config key changed but applies only after a restart");
+                }
+                let changes = diff(&old.config, &new.config);
+                if changes.is_empty() {
+                    return Ok(false);
+                }
+                self.live.replace(new.clone());
+                metrics::counter!("hexveil_config_reloads_total", "result" => "accepted")
+                    .increment(1);
+                tracing::info!(trigger, keys = ?changes.iter().map(|c| &c.0).collect::<Vec<_>>(), "config reloaded");
+                self.audit(serde_json::json!({
+                    "result": "accepted",
+                    "trigger": trigger,
+                    "changes": changes.iter().map(|(k, o, n)| serde_json::json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
+                    "restart_needed_for": kept,
+                    "consequences": new.consequences,
+                }));
+                Ok(true)
+            }
+            Err(e) => {
+                metrics::counter!("hexveil_config_reloads_total", "result" => "refused")
+                    .increment(1);
+                tracing::error!(trigger, key = e.key(), error = %e, "config refused; the previous config stays in force");
+                self.audit(serde_json::json!({
+                    "result": "refused",
+                    "trigger": trigger,
+                    "key": e.key(),
+                    "error": e.to_string(),
+                }));
+                Err(e)
+            }
+        }
+    }
+
+    fn audit(&self, mut entry: serde_json::Value) {
+        entry["time_ms"] = serde_json::json!(self.clock.now().millis());
+        if let Some(p) = &self.source.path {
+            entry["file"] = serde_json::json!(p.display().to_string());
+        }
+        let line = format!("{entry}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit_path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            tracing::error!(path = %self.audit_path.display(), error = %e, "cannot append to the config audit log");
+        }
+    }
+
+    /// Watches the file (and SIGHUP) until `shutdown` resolves.
+    pub async fn watch(
+        self: std::sync::Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let mut _watcher = None;
+        if let Some(path) = self.path() {
+            let name = path.file_name().map(|n| n.to_os_string());
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            let result = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if let Ok(ev) = res {
+                    let ours = ev
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_os_string()) == name);
+                    if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
+                        let _ = tx.try_send(());
+                    }
+                }
+            })
+            .and_then(|mut w| {
+                w.watch(&dir, notify::RecursiveMode::NonRecursive)
+                    .map(|_| w)
+            });
+            match result {
+                Ok(w) => _watcher = Some(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the config file; SIGHUP still reloads")
+                }
+            }
+        }
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        };
+        tokio::pin!(shutdown);
+        loop {
+            let trigger = tokio::select! {
+                Some(()) = rx.recv() => {
+                    // Editors write a file in several steps; let them finish, then reload once.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while rx.try_recv().is_ok() {}
+                    "file change"
+                }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                () = &mut shutdown => break,
+            };
+            let this = self.clone();
+            // Reading and validating is blocking work (file I/O, accounting).
+            let _ = tokio::task::spawn_blocking(move || this.reload(trigger)).await;
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Wires everything together: opens the store, builds the services, serves gRPC and HTTP on
+//! already-bound listeners, runs the background jobs, reloads config, shuts down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::pb::consent_service_server::ConsentServiceServer;
+use crate::api::pb::transparency_service_server::TransparencyServiceServer;
+use crate::api::{ConsentApi, TransparencyApi, metrics_layer::GrpcMetricsLayer};
+use crate::clock::SharedClock;
+use crate::consent::Consents;
+use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
+use crate::reload::{ConfigSource, Reloader};
+use crate::settings::{LiveSettings, Settings};
+use crate::store::Store;
+
+/// How often idle devices are looked for.
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often the store is pinged for the health status.
+const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// The running application's shared parts.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub settings: LiveSettings,
+    pub store: Store,
+    pub clock: SharedClock,
+    pub pseudonyms: Pseudonymizer,
+    pub consents: Consents,
+}
+
+impl App {
+    /// Opens the store named by `settings` and builds the domain services.
+    pub async fn open(settings: Settings, clock: SharedClock) -> anyhow::Result<App> {
+        let data_dir = settings.config.store.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("store.data_dir: cannot create {}", data_dir.display()))?;
+        let key = std::env::var(DEVICE_KEY_ENV).ok();
+        let pseudonyms = Pseudonymizer::load_or_create(key.as_deref(), &data_dir)?;
+        let store = Store::open(&settings.config.store.url)
+            .await
+            .context("store.url: cannot open the store")?;
+        let settings = LiveSettings::new(settings);
+        let consents = Consents::new(store.clone(), clock.clone(), settings.clone());
+        Ok(App {
+            settings,
+            store,
+            clock,
+            pseudonyms,
+            consents,
+        })
+    }
+}
+
+/// Addresses actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Serves `app` on the given listeners until `shutdown` resolves, then drains and returns.
+pub async fn run(
+    app: App,
+    source: ConfigSource,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ConsentServiceServer<ConsentApi>>()
+        .await;
+    health
+        .set_serving::<TransparencyServiceServer<TransparencyApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let consent = ConsentApi::new(app.consents.clone(), app.pseudonyms.clone());
+    let transparency = TransparencyApi::new(
+        app.consents.clone(),
+        app.pseudonyms.clone(),
+        app.settings.clone(),
+    );
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .layer(GrpcMetricsLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ConsentServiceServer::new(consent))
+        .add_service(TransparencyServiceServer::new(transparency))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+
+    let http_server = axum::serve(http, crate::web::router(app.store.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let mut jobs = tokio::task::JoinSet::new();
+    {
+        let consents = app.consents.clone();
+        let rx = stop_rx.clone();
+        jobs.spawn(async move {
+            let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+            let stop = stopped(rx);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = consents.expire_idle().await {
+                            tracing::warn!(error = %e, "retention sweep failed; will retry");
+                        }
+                    }
+                    () = &mut stop => break,
+                }
+            }
+        });
+    }
+    {
+        let store = app.store.clone();
+        let health = health.clone();
+        let rx = stop_rx.clone();
+        jobs.spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_PROBE_EVERY);
+            let stop = stopped(rx);
+            tokio::pin!(stop);
+            let mut serving = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let ok = store.ping().await.is_ok();
+                        if ok != serving {
+                            serving = ok;
+                            tracing::warn!(serving, "store health changed");
+                            if ok {
+                                health.set_serving::<ConsentServiceServer<ConsentApi>>().await;
+                                health.set_serving::<TransparencyServiceServer<TransparencyApi>>().await;
+                                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                            } else {
+                                health.set_not_serving::<ConsentServiceServer<ConsentApi>>().await;
+                                health.set_not_serving::<TransparencyServiceServer<TransparencyApi>>().await;
+                                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                            }
+                        }
+                    }
+                    () = &mut stop => break,
+                }
+            }
+        });
+    }
+    {
+        let data_dir = app.settings.current().config.store.data_dir.clone();
+        let reloader = Arc::new(Reloader::new(
+            source,
+            app.settings.clone(),
+            app.clock.clone(),
+            &data_dir,
+        ));
+        jobs.spawn(reloader.watch(stopped(stop_rx.clone())));
+    }
+
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining requests");
+        let _ = stop_tx.send(true);
+    });
+
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    g.context("gRPC server failed")?;
+    h.context("HTTP server failed")?;
+    while jobs.join_next().await.is_some() {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,246 @@
+//! Shared test harness: an in-process server on port 0 (with an injectable clock), the real
+//! binary as a child process, gRPC clients, and a raw view of the SQLite file.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hexveil::api::pb::consent_service_client::ConsentServiceClient;
+use hexveil::api::pb::transparency_service_client::TransparencyServiceClient;
+use hexveil::clock::SharedClock;
+use hexveil::config::Config;
+use hexveil::reload::ConfigSource;
+use hexveil::server::{self, App};
+use hexveil::settings::Settings;
+use tonic::transport::Channel;
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub app: App,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with `extra_toml` appended to a config that puts data in a temp dir.
+    pub async fn start(extra_toml: &str, clock: SharedClock) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!("{}\n{extra_toml}", store_toml(dir.path()),);
+        let config = Config::from_toml(&toml).unwrap();
+        let settings = Settings::new(config).unwrap();
+        let app = App::open(settings, clock).await.unwrap();
+        let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            app.clone(),
+            ConfigSource::default(),
+            grpc_l,
+            http_l,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestServer {
+            grpc,
+            http,
+            app,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(self.grpc).await
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("hexveil.db")
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// `[store]` settings pointing into `dir`.
+pub fn store_toml(dir: &Path) -> String {
+    format!(
+        "[store]\nurl = \"sqlite://{}/hexveil.db\"\ndata_dir = \"{}\"\n",
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// A gRPC channel to `addr`, retrying briefly while the server comes up.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    let url = format!("http://{addr}");
+    for _ in 0..100 {
+        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot connect to {addr}");
+}
+
+pub fn consent_client(ch: Channel) -> ConsentServiceClient<Channel> {
+    ConsentServiceClient::new(ch)
+}
+
+pub fn transparency_client(ch: Channel) -> TransparencyServiceClient<Channel> {
+    TransparencyServiceClient::new(ch)
+}
+
+/// The real `hexveil` binary running as a child process.
+pub struct BinServer {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub stderr_path: PathBuf,
+}
+
+impl BinServer {
+    /// Runs `hexveil serve` with its data in `dir` and the given extra arguments; waits for
+    /// the "listening" line. Logs go to `dir/stderr-N.log`.
+    pub fn spawn(dir: &Path, extra: &[&str]) -> BinServer {
+        Self::spawn_with_env(dir, extra, &[])
+    }
+
+    pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BinServer {
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let stderr_path = dir.join(format!("stderr-{n}.log"));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let store = format!("sqlite://{}/hexveil.db", dir.display());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hexveil"));
+        cmd.args([
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--store", &store, "--data-dir", &dir.display().to_string()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn hexveil");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("hexveil listening") => break l,
+                Some(Ok(_)) => continue,
+                _ => {
+                    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    panic!("hexveil exited before listening:\n{log}");
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        BinServer {
+            grpc: addr("grpc="),
+            http: addr("http="),
+            child,
+            stderr_path,
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for BinServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every row of every table of the SQLite file, as text, for before/after comparisons.
+pub async fn dump_db(path: &Path) -> Vec<String> {
+    use sqlx::{Connection, Row};
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let tables: Vec<String> = sqlx::query(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+         AND name NOT LIKE '_sqlx%' ORDER BY name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    let mut out = Vec::new();
+    for t in tables {
+        let sql = format!("SELECT quote(t.rowid) || '' AS r, * FROM \"{t}\" t");
+        let sql = sqlx::AssertSqlSafe(sql);
+        let rows = match sqlx::query(sql).fetch_all(&mut conn).await {
+            Ok(rows) => rows,
+            // WITHOUT ROWID tables have no rowid column.
+            Err(_) => sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM \"{t}\"")))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap(),
+        };
+        for row in rows {
+            let mut cols = Vec::new();
+            for i in 0..row.len() {
+                let v: Option<Vec<u8>> = row.try_get_unchecked(i).ok();
+                cols.push(format!("{v:?}"));
+            }
+            out.push(format!("{t}: {}", cols.join(",")));
+        }
+    }
+    out
+}
+
+/// A token that passes validation, unique per `n`.
+pub fn token(n: u32) -> String {
+    format!("test-device-token-{n:08}")
+}
+
+/// Shared clock helper.
+pub fn manual_clock(start_ms: i64) -> (hexveil::clock::ManualClock, SharedClock) {
+    let c = hexveil::clock::ManualClock::new(hexveil::clock::Timestamp(start_ms));
+    let shared: SharedClock = Arc::new(c.clone());
+    (c, shared)
+}
