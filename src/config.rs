@@ -607,7 +607,7 @@ impl Config {
             ));
         }
         let bucket = ins.bucket.as_secs();
-        if bucket < 60 || 86_400 % bucket != 0 {
+        if bucket < 60 || !86_400_u64.is_multiple_of(bucket) {
             return Err(inv(
                 "insights.bucket",
                 "must be at least 1m and divide a day evenly (e.g. \"15m\", \"1h\", \"1d\")",

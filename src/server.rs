@@ -25,6 +25,9 @@ use crate::store::Store;
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often the store is pinged for the health status.
 const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long in-flight requests get to finish after a shutdown signal. Every acknowledged
+/// write is already committed, so cutting idle connections after this loses nothing.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The running application's shared parts.
 #[derive(Debug, Clone)]
@@ -183,9 +186,21 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let (g, h) = tokio::join!(grpc_server, http_server);
-    g.context("gRPC server failed")?;
-    h.context("HTTP server failed")?;
+    let servers = async { tokio::join!(grpc_server, http_server) };
+    tokio::pin!(servers);
+    let drain_deadline = async {
+        stopped(stop_rx.clone()).await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        (g, h) = &mut servers => {
+            g.context("gRPC server failed")?;
+            h.context("HTTP server failed")?;
+        }
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "clients kept connections open; closing them");
+        }
+    }
     while jobs.join_next().await.is_some() {}
     tracing::info!("stopped");
     Ok(())

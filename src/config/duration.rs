@@ -80,7 +80,7 @@ impl fmt::Display for Dur {
             return write!(f, "0s");
         }
         for (unit, factor) in [('d', 86_400), ('h', 3600), ('m', 60)] {
-            if s % factor == 0 {
+            if s.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", s / factor);
             }
         }
