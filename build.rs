@@ -9,6 +9,8 @@ const PROTOS: &[&str] = &[
     "proto/hexveil/v1/common.proto",
     "proto/hexveil/v1/consent.proto",
     "proto/hexveil/v1/transparency.proto",
+    "proto/hexveil/v1/presence.proto",
+    "proto/hexveil/v1/merchant.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,12 +5,16 @@
 
 mod consent;
 mod convert;
+mod merchant;
 pub mod metrics_layer;
+mod presence;
 mod status;
 mod transparency;
 mod validate;
 
 pub use consent::ConsentApi;
+pub use merchant::{AuthenticatedMerchant, MerchantApi, MerchantAuthLayer};
+pub use presence::PresenceApi;
 pub use status::ApiError;
 pub use transparency::TransparencyApi;
 

@@ -90,3 +90,48 @@ mod tests {
         assert!(a > 0.5 && a < 1.0, "{a}");
     }
 }
+
+/// Whether `cell` touches a sensitive exclusion area: it lies inside one (an excluded cell
+/// is its ancestor or itself), or it contains one (a coarse cell holding an excluded area is
+/// ambiguous, and when unsure hexveil sends less).
+pub fn excluded(cell: u64, exclusions: &[crate::config::CellSpec]) -> bool {
+    let Ok(c) = CellIndex::try_from(cell) else {
+        return true;
+    };
+    exclusions.iter().any(|e| {
+        let Ok(e) = CellIndex::try_from(e.0) else {
+            return false;
+        };
+        if c.resolution() >= e.resolution() {
+            c.parent(e.resolution()) == Some(e)
+        } else {
+            e.parent(c.resolution()) == Some(c)
+        }
+    })
+}
+
+#[cfg(test)]
+mod exclusion_tests {
+    use super::*;
+    use crate::config::CellSpec;
+
+    #[test]
+    fn inside_and_containing_cells_are_excluded() {
+        let clinic = h3o::LatLng::new(40.7, -74.0)
+            .unwrap()
+            .to_cell(Resolution::Nine);
+        let ex = [CellSpec(clinic.into())];
+        assert!(excluded(clinic.into(), &ex));
+        let child = clinic.center_child(Resolution::Eleven).unwrap();
+        assert!(excluded(child.into(), &ex));
+        let parent = clinic.parent(Resolution::Seven).unwrap();
+        assert!(
+            excluded(parent.into(), &ex),
+            "a coarse cell containing it is ambiguous"
+        );
+        let elsewhere = h3o::LatLng::new(41.7, -74.0)
+            .unwrap()
+            .to_cell(Resolution::Nine);
+        assert!(!excluded(elsewhere.into(), &ex));
+    }
+}

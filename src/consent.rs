@@ -6,8 +6,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::clock::{SharedClock, Timestamp};
-use crate::model::{ConsentReceipt, CurrentCell, Purposes};
+use crate::devices::Devices;
+use crate::model::{ConsentReceipt, CurrentCell, Notification, Purposes, Restriction};
 use crate::pseudonym::DeviceId;
 use crate::settings::LiveSettings;
 use crate::store::{Store, StoreError};
@@ -38,6 +41,9 @@ pub struct MyData {
     pub device: Option<DeviceId>,
     pub receipts: Vec<ReceiptView>,
     pub current_cell: Option<CurrentCell>,
+    /// Newest first.
+    pub notifications: Vec<Notification>,
+    pub restrictions: Vec<Restriction>,
     pub last_activity: Option<Timestamp>,
     /// When everything expires if the device stays inactive.
     pub retention_deadline: Option<Timestamp>,
@@ -47,14 +53,21 @@ pub struct MyData {
 #[derive(Debug, Clone)]
 pub struct Consents {
     store: Store,
+    devices: Arc<Devices>,
     clock: SharedClock,
     settings: LiveSettings,
 }
 
 impl Consents {
-    pub fn new(store: Store, clock: SharedClock, settings: LiveSettings) -> Self {
+    pub fn new(
+        store: Store,
+        devices: Arc<Devices>,
+        clock: SharedClock,
+        settings: LiveSettings,
+    ) -> Self {
         Consents {
             store,
+            devices,
             clock,
             settings,
         }
@@ -83,6 +96,9 @@ impl Consents {
             controller: settings.config.policy.controller.clone(),
         };
         if purposes.is_empty() {
+            // Memory first: from here on no report of this device is acted upon, even if the
+            // store write below fails (then the caller retries; nothing was acknowledged).
+            self.devices.remove(&device);
             let erased = self.store.erase_device(device).await?;
             tracing::info!(%device, erased, "consent withdrawn, device erased");
             metrics::counter!("hexveil_consent_withdrawals_total").increment(1);
@@ -93,6 +109,7 @@ impl Consents {
             });
         }
         self.store.put_consent(receipt.clone(), now).await?;
+        self.devices.set_purposes(device, purposes, now);
         for p in purposes.iter() {
             metrics::counter!("hexveil_consent_grants_total", "purpose" => p.as_str()).increment(1);
         }
@@ -141,6 +158,8 @@ impl Consents {
                 })
                 .collect(),
             current_cell: snapshot.current_cell,
+            notifications: snapshot.notifications,
+            restrictions: snapshot.restrictions,
             last_activity: Some(snapshot.last_activity),
             retention_deadline: Some(deadline),
         })
@@ -148,6 +167,7 @@ impl Consents {
 
     /// Erases everything held about the device; returns the number of records erased.
     pub async fn forget(&self, device: DeviceId) -> Result<u64, ConsentError> {
+        self.devices.remove(&device);
         let erased = self.store.erase_device(device).await?;
         metrics::counter!("hexveil_forget_me_total").increment(1);
         tracing::info!(%device, erased, "device erased on request");
@@ -157,6 +177,7 @@ impl Consents {
     /// Erases every device idle for longer than `retention.device_days`; returns how many.
     pub async fn expire_idle(&self) -> Result<u64, ConsentError> {
         let cutoff = self.clock.now().minus(self.retention());
+        self.devices.expire_idle(cutoff);
         let n = self.store.expire_idle(cutoff).await?;
         if n > 0 {
             tracing::info!(devices = n, "retention expired idle devices");

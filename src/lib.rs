@@ -2,7 +2,9 @@
 //!
 //! Layers, data flowing one way:
 //! - the wire: [`api`] (gRPC, the only module that knows protobuf) and [`web`] (HTTP);
-//! - the domain: [`consent`] (consent, transparency, retention) and [`policy`];
+//! - the domain: [`consent`] (consent, transparency, retention), [`policy`], [`presence`]
+//!   (the offer decision pipeline) over [`caps`], [`devices`] and [`offers`] (in-memory
+//!   state kept in sync with the store), and [`merchants`];
 //! - storage: [`store`] (the only module that runs SQL; group-commit writes);
 //! - underneath, importing nothing above them: [`config`], [`settings`], [`clock`],
 //!   [`cells`], [`pseudonym`], [`model`], [`privacy`].
@@ -11,13 +13,18 @@
 //! See `ARCHITECTURE.md` for the invariants each module keeps.
 
 pub mod api;
+pub mod caps;
 pub mod cells;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod devices;
+pub mod merchants;
 pub mod model;
+pub mod offers;
 pub mod policy;
+pub mod presence;
 pub mod privacy;
 pub mod pseudonym;
 pub mod reload;

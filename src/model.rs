@@ -102,4 +102,135 @@ pub struct DeviceSnapshot {
     /// Newest first.
     pub receipts: Vec<ConsentReceipt>,
     pub current_cell: Option<CurrentCell>,
+    /// Newest first.
+    pub notifications: Vec<Notification>,
+    pub restrictions: Vec<Restriction>,
+}
+
+/// A merchant id (UUID).
+pub type MerchantId = uuid::Uuid;
+/// An offer id (UUID).
+pub type OfferId = uuid::Uuid;
+
+/// One opening interval: weekday 1 (Monday) to 7 (Sunday), minutes since local midnight,
+/// `close` exclusive and at most 1440.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpeningHours {
+    pub weekday: u8,
+    pub open: u16,
+    pub close: u16,
+}
+
+/// A merchant's offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub offer_id: OfferId,
+    pub merchant_id: MerchantId,
+    pub title: String,
+    pub body: String,
+    pub cell: u64,
+    pub radius_k: u32,
+    pub valid_from: Timestamp,
+    pub valid_until: Timestamp,
+    pub max_notifications_per_day: u32,
+    /// Empty: always open.
+    pub opening_hours: Vec<OpeningHours>,
+    pub updated_at: Timestamp,
+}
+
+impl Offer {
+    /// Whether the offer is valid at `t` and open at local time `t + offset`.
+    pub fn active_at(&self, t: Timestamp, utc_offset_minutes: i32) -> bool {
+        if t < self.valid_from || t >= self.valid_until {
+            return false;
+        }
+        if self.opening_hours.is_empty() {
+            return true;
+        }
+        let local_min = t.millis().div_euclid(60_000) + i64::from(utc_offset_minutes);
+        let minute_of_day = local_min.rem_euclid(1440) as u16;
+        // 1970-01-01 was a Thursday (weekday 4).
+        let weekday = ((local_min.div_euclid(1440) + 3).rem_euclid(7) + 1) as u8;
+        self.opening_hours
+            .iter()
+            .any(|h| h.weekday == weekday && (h.open..h.close).contains(&minute_of_day))
+    }
+}
+
+/// A registered merchant (the API key itself is never stored, only its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merchant {
+    pub merchant_id: MerchantId,
+    pub name: String,
+    pub key_hash: [u8; 32],
+    pub cells: Vec<u64>,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// Feedback a device gives on a delivered offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feedback {
+    Dismissed,
+    Opened,
+    MuteMerchant,
+}
+
+impl Feedback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feedback::Dismissed => "DISMISSED",
+            Feedback::Opened => "OPENED",
+            Feedback::MuteMerchant => "MUTE_MERCHANT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Feedback> {
+        match s {
+            "DISMISSED" => Some(Feedback::Dismissed),
+            "OPENED" => Some(Feedback::Opened),
+            "MUTE_MERCHANT" => Some(Feedback::MuteMerchant),
+            _ => None,
+        }
+    }
+}
+
+/// A notification sent to a device, as logged durably.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub notification_id: uuid::Uuid,
+    pub device: DeviceId,
+    pub offer_id: OfferId,
+    pub merchant_id: MerchantId,
+    pub cell: u64,
+    pub sent_at: Timestamp,
+    pub feedback: Option<Feedback>,
+}
+
+/// A device's standing towards one merchant: mute and dismissal back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restriction {
+    pub device: DeviceId,
+    pub merchant_id: MerchantId,
+    pub muted: bool,
+    pub dismissals: u32,
+    pub backoff_until: Option<Timestamp>,
+}
+
+/// A device's dwell state as stored: the anchor cell where continuous presence began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dwell {
+    pub anchor: u64,
+    pub cell: u64,
+    pub since: Timestamp,
+    pub last_seen: Timestamp,
+}
+
+/// What is loaded at start to rebuild in-memory device state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub device: DeviceId,
+    pub purposes: Purposes,
+    pub last_activity: Timestamp,
+    pub dwell: Option<Dwell>,
 }

@@ -12,10 +12,18 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::pb::consent_service_server::ConsentServiceServer;
+use crate::api::pb::merchant_service_server::MerchantServiceServer;
+use crate::api::pb::presence_service_server::PresenceServiceServer;
 use crate::api::pb::transparency_service_server::TransparencyServiceServer;
-use crate::api::{ConsentApi, TransparencyApi, metrics_layer::GrpcMetricsLayer};
+use crate::api::{
+    ConsentApi, MerchantApi, MerchantAuthLayer, PresenceApi, TransparencyApi,
+    metrics_layer::GrpcMetricsLayer,
+};
 use crate::clock::SharedClock;
 use crate::consent::Consents;
+use crate::devices::Devices;
+use crate::offers::{OfferIndex, Offers};
+use crate::presence::Presence;
 use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
 use crate::reload::{ConfigSource, Reloader};
 use crate::settings::{LiveSettings, Settings};
@@ -23,6 +31,9 @@ use crate::store::Store;
 
 /// How often idle devices are looked for.
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often the offer index is reloaded from the store (changes made by other processes,
+/// such as `hexveil merchant revoke`, or other nodes).
+const OFFER_REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How often the store is pinged for the health status.
 const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish after a shutdown signal. Every acknowledged
@@ -37,6 +48,9 @@ pub struct App {
     pub clock: SharedClock,
     pub pseudonyms: Pseudonymizer,
     pub consents: Consents,
+    pub devices: Arc<Devices>,
+    pub presence: Presence,
+    pub offers: Offers,
 }
 
 impl App {
@@ -51,13 +65,54 @@ impl App {
             .await
             .context("store.url: cannot open the store")?;
         let settings = LiveSettings::new(settings);
-        let consents = Consents::new(store.clone(), clock.clone(), settings.clone());
+        let devices = Arc::new(Devices::default());
+        let index = Arc::new(OfferIndex::default());
+        let consents = Consents::new(
+            store.clone(),
+            devices.clone(),
+            clock.clone(),
+            settings.clone(),
+        );
+        let presence = Presence::new(
+            devices.clone(),
+            index.clone(),
+            store.clone(),
+            clock.clone(),
+            settings.clone(),
+        );
+        let offers = Offers::new(store.clone(), index, clock.clone(), settings.clone());
+        // Rebuild in-memory state so caps hold across restarts.
+        let started = std::time::Instant::now();
+        let notifications = store.load_notifications(crate::clock::Timestamp(0)).await?;
+        let minute_ago = clock.now().minus(Duration::from_secs(60));
+        presence.load_flood(
+            &notifications
+                .iter()
+                .filter(|n| n.sent_at > minute_ago)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        devices.load(
+            store.load_devices().await?,
+            notifications,
+            store.load_restrictions().await?,
+        );
+        offers.refresh().await?;
+        tracing::info!(
+            devices = devices.len(),
+            offers = offers.index().len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "state loaded"
+        );
         Ok(App {
             settings,
             store,
             clock,
             pseudonyms,
             consents,
+            devices,
+            presence,
+            offers,
         })
     }
 }
@@ -89,6 +144,12 @@ pub async fn run(
     health
         .set_serving::<TransparencyServiceServer<TransparencyApi>>()
         .await;
+    health
+        .set_serving::<PresenceServiceServer<PresenceApi>>()
+        .await;
+    health
+        .set_serving::<MerchantServiceServer<MerchantApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -104,6 +165,21 @@ pub async fn run(
         app.pseudonyms.clone(),
         app.settings.clone(),
     );
+    let presence = PresenceApi::new(
+        app.presence.clone(),
+        app.pseudonyms.clone(),
+        app.settings.clone(),
+        app.clock.clone(),
+    );
+    let merchant = tower::ServiceBuilder::new()
+        .layer(MerchantAuthLayer::new(
+            app.store.clone(),
+            app.settings.clone(),
+            app.clock.clone(),
+        ))
+        .service(MerchantServiceServer::new(MerchantApi::new(
+            app.offers.clone(),
+        )));
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(GrpcMetricsLayer)
@@ -112,6 +188,8 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(ConsentServiceServer::new(consent))
         .add_service(TransparencyServiceServer::new(transparency))
+        .add_service(PresenceServiceServer::new(presence))
+        .add_service(merchant)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
 
     let http_server = axum::serve(http, crate::web::router(app.store.clone()))
@@ -130,6 +208,26 @@ pub async fn run(
                     _ = tick.tick() => {
                         if let Err(e) = consents.expire_idle().await {
                             tracing::warn!(error = %e, "retention sweep failed; will retry");
+                        }
+                    }
+                    () = &mut stop => break,
+                }
+            }
+        });
+    }
+    {
+        let offers = app.offers.clone();
+        let rx = stop_rx.clone();
+        jobs.spawn(async move {
+            let mut tick = tokio::time::interval(OFFER_REFRESH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stop = stopped(rx);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = offers.refresh().await {
+                            tracing::warn!(error = %e, "offer index refresh failed; will retry");
                         }
                     }
                     () = &mut stop => break,

@@ -15,13 +15,18 @@ mod sqlite;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Timestamp;
-use crate::model::{ConsentReceipt, DeviceSnapshot};
+use crate::model::{
+    ConsentReceipt, DeviceRow, DeviceSnapshot, Dwell, Feedback, Merchant, MerchantId, Notification,
+    Offer, OfferId, Restriction,
+};
 use crate::pseudonym::DeviceId;
 
 pub use group_commit::MAX_BATCH;
 
 /// Receipts kept per device (older ones are dropped when a new one is stored).
 pub const RECEIPTS_KEPT: i64 = 10;
+/// Notifications kept per device (the log is bounded; older entries are dropped).
+pub const NOTIFICATIONS_KEPT: i64 = 100;
 
 /// A storage failure. Details are logged where they happen; clients see only the kind.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,6 +79,38 @@ pub enum WriteOp {
     EraseDevice { device: DeviceId },
     /// Deletes every device idle since before `cutoff`; yields the number of devices.
     ExpireIdle { cutoff: Timestamp },
+    /// Records where a consenting device is (its dwell) and marks it active.
+    Presence {
+        device: DeviceId,
+        dwell: Dwell,
+        now: Timestamp,
+    },
+    /// Logs a delivered notification (before the reply that carries it).
+    Notify(Notification),
+    /// Records feedback on a notification and the device's new standing with the merchant.
+    Feedback {
+        device: DeviceId,
+        notification_id: uuid::Uuid,
+        feedback: Feedback,
+        restriction: Option<Restriction>,
+        now: Timestamp,
+    },
+    /// Registers a merchant.
+    PutMerchant(Merchant),
+    /// Revokes a merchant's key; yields 1 if it was active.
+    RevokeMerchant {
+        merchant_id: MerchantId,
+        at: Timestamp,
+    },
+    /// Creates or replaces an offer.
+    PutOffer(Offer),
+    /// Deletes one of a merchant's offers; yields 1 if it existed.
+    DeleteOffer {
+        merchant_id: MerchantId,
+        offer_id: OfferId,
+    },
+    /// Several writes of one request, applied in order in the same transaction.
+    Many(Vec<WriteOp>),
 }
 
 /// What a write yields once committed.
@@ -183,6 +220,59 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &*self.backend {
             Backend::Sqlite(s) => s.ping().await,
+        }
+    }
+
+    /// Writes `op` and maps a count result to `u64`.
+    pub async fn write_count(&self, op: WriteOp) -> Result<u64, StoreError> {
+        match self.write(op).await? {
+            WriteResult::Count(n) => Ok(n),
+            WriteResult::Done => Ok(0),
+        }
+    }
+
+    /// Every device row, to rebuild in-memory state at start.
+    pub async fn load_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_devices().await,
+        }
+    }
+
+    /// Notifications sent at or after `since` (all devices), oldest first.
+    pub async fn load_notifications(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<Notification>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_notifications(since).await,
+        }
+    }
+
+    /// Every mute and back-off.
+    pub async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_restrictions().await,
+        }
+    }
+
+    /// Every offer.
+    pub async fn load_offers(&self) -> Result<Vec<Offer>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_offers().await,
+        }
+    }
+
+    /// One merchant, revoked or not.
+    pub async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.merchant(id).await,
+        }
+    }
+
+    /// Every merchant, oldest first.
+    pub async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.merchants().await,
         }
     }
 }

@@ -58,8 +58,44 @@ pub fn my_data(d: &MyData) -> pb::MyData {
             last_seen: Some(timestamp(c.last_seen)),
             retention_deadline: deadline,
         }),
-        notifications: Vec::new(),
-        restrictions: Vec::new(),
+        notifications: d
+            .notifications
+            .iter()
+            .map(|n| pb::NotificationRecord {
+                sent_at: Some(timestamp(n.sent_at)),
+                offer_id: n.offer_id.to_string(),
+                merchant_id: n.merchant_id.to_string(),
+                feedback: n
+                    .feedback
+                    .map(|f| f.as_str().to_string())
+                    .unwrap_or_default(),
+                retention_deadline: deadline,
+            })
+            .collect(),
+        restrictions: d
+            .restrictions
+            .iter()
+            .flat_map(|r| {
+                let mut out = Vec::new();
+                if r.muted {
+                    out.push(pb::MerchantRestriction {
+                        merchant_id: r.merchant_id.to_string(),
+                        kind: "MUTED".into(),
+                        until: None,
+                        retention_deadline: deadline,
+                    });
+                }
+                if let Some(until) = r.backoff_until {
+                    out.push(pb::MerchantRestriction {
+                        merchant_id: r.merchant_id.to_string(),
+                        kind: "DISMISSAL_BACKOFF".into(),
+                        until: Some(timestamp(until)),
+                        retention_deadline: deadline,
+                    });
+                }
+                out
+            })
+            .collect(),
         pending_contributions: None,
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
@@ -131,5 +167,72 @@ pub fn privacy_policy(p: &PrivacyPolicy<'_>) -> pb::PrivacyPolicy {
         purposes: Purpose::ALL.iter().map(|p| purpose(*p) as i32).collect(),
         exclusion_areas: u32::try_from(c.exclusions.cells.len()).unwrap_or(u32::MAX),
         summary: p.summary.clone(),
+    }
+}
+
+pub fn offer(o: &crate::model::Offer) -> pb::Offer {
+    pb::Offer {
+        offer_id: o.offer_id.to_string(),
+        merchant_id: o.merchant_id.to_string(),
+        title: o.title.clone(),
+        body: o.body.clone(),
+        cell: o.cell,
+        radius_k: o.radius_k,
+        valid_from: Some(timestamp(o.valid_from)),
+        valid_until: Some(timestamp(o.valid_until)),
+        max_notifications_per_day: o.max_notifications_per_day,
+        opening_hours: o
+            .opening_hours
+            .iter()
+            .map(|h| pb::OpeningHours {
+                weekday: u32::from(h.weekday),
+                open: crate::offers::format_hhmm(h.open),
+                close: crate::offers::format_hhmm(h.close),
+            })
+            .collect(),
+        why: None,
+        updated_at: Some(timestamp(o.updated_at)),
+    }
+}
+
+pub fn delivered(o: &crate::model::Offer, why: &crate::presence::Explanation) -> pb::Offer {
+    let mut out = offer(o);
+    let minutes = why.dwell.as_secs() / 60;
+    let near = match why.grid_distance {
+        0 => "in your area".to_string(),
+        1 => "one area away".to_string(),
+        n => format!("{n} areas away"),
+    };
+    out.why = Some(pb::OfferExplanation {
+        grid_distance: why.grid_distance,
+        dwell: Some(duration(why.dwell)),
+        remaining_today: why.remaining_today,
+        remaining_this_week: why.remaining_this_week,
+        text: format!(
+            "You got this because {} is {near} and you have been here for {minutes} min. \
+             You can get {} more offer(s) today and {} more this week.",
+            o.title, why.remaining_today, why.remaining_this_week
+        ),
+    });
+    out
+}
+
+pub fn reason(r: Option<crate::caps::Reason>) -> pb::NoOfferReason {
+    use crate::caps::Reason as R;
+    match r {
+        None => pb::NoOfferReason::None,
+        Some(R::NoConsent) => pb::NoOfferReason::NoConsent,
+        Some(R::NoOffersNearby) => pb::NoOfferReason::NoOffersNearby,
+        Some(R::DwellNotMet) => pb::NoOfferReason::DwellNotMet,
+        Some(R::QuietHours) => pb::NoOfferReason::QuietHours,
+        Some(R::MinInterval) => pb::NoOfferReason::MinInterval,
+        Some(R::DailyCap) => pb::NoOfferReason::DailyCap,
+        Some(R::WeeklyCap) => pb::NoOfferReason::WeeklyCap,
+        Some(R::MerchantCap) => pb::NoOfferReason::MerchantCap,
+        Some(R::DismissalBackoff) => pb::NoOfferReason::DismissalBackoff,
+        Some(R::MerchantMuted) => pb::NoOfferReason::MerchantMuted,
+        Some(R::OfferCap) => pb::NoOfferReason::OfferCap,
+        Some(R::StaleReport) => pb::NoOfferReason::StaleReport,
+        Some(R::GlobalCellCap) => pb::NoOfferReason::GlobalCellCap,
     }
 }

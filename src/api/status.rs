@@ -34,6 +34,40 @@ impl ApiError {
     }
 }
 
+impl From<crate::presence::PresenceError> for ApiError {
+    fn from(e: crate::presence::PresenceError) -> Self {
+        use crate::presence::PresenceError as P;
+        match e {
+            P::RateLimited { retry_after } => ApiError::RateLimited { retry_after },
+            P::UnknownOffer => ApiError::NotFound("no notification of this offer to this device"),
+            P::Store(s) => ApiError::Store(s),
+        }
+    }
+}
+
+impl From<crate::offers::OfferError> for ApiError {
+    fn from(e: crate::offers::OfferError) -> Self {
+        use crate::offers::OfferError as O;
+        match e {
+            O::Invalid(v) => ApiError::InvalidArgument(v),
+            O::NotFound => ApiError::NotFound("no such offer of this merchant"),
+            O::Store(s) => ApiError::Store(s),
+        }
+    }
+}
+
+impl From<crate::merchants::MerchantError> for ApiError {
+    fn from(e: crate::merchants::MerchantError) -> Self {
+        use crate::merchants::MerchantError as M;
+        match e {
+            M::Unauthenticated => ApiError::Unauthenticated,
+            M::Invalid { field, message } => ApiError::field(field, message),
+            M::NotFound => ApiError::NotFound("no such merchant"),
+            M::Store(s) => ApiError::Store(s),
+        }
+    }
+}
+
 impl From<ConsentError> for ApiError {
     fn from(e: ConsentError) -> Self {
         match e {

@@ -14,17 +14,27 @@ use sqlx::{Connection, Row, SqlSafeStr};
 use tokio::sync::mpsc;
 
 use super::group_commit::{self, BatchWriter, Pending};
-use super::{RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
+use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
-use crate::model::{ConsentReceipt, CurrentCell, DeviceSnapshot, Purposes};
+use crate::model::{
+    ConsentReceipt, CurrentCell, DeviceRow, DeviceSnapshot, Dwell, Feedback, Merchant, MerchantId,
+    Notification, Offer, OpeningHours, Purposes, Restriction,
+};
 use crate::pseudonym::DeviceId;
 
 /// Numbered migrations, embedded in the binary and run at start.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "devices and consent",
-    include_str!("migrations/sqlite/0001_devices_and_consent.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "devices and consent",
+        include_str!("migrations/sqlite/0001_devices_and_consent.sql"),
+    ),
+    (
+        2,
+        "offers and caps",
+        include_str!("migrations/sqlite/0002_offers_and_caps.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     let migrations = MIGRATIONS
@@ -121,6 +131,26 @@ impl SqliteStore {
         .iter()
         .map(|r| receipt_from_row(device, r))
         .collect::<Result<Vec<_>, _>>()?;
+        let notifications = sqlx::query(
+            "SELECT notification_id, device, offer_id, merchant_id, cell, sent_at, feedback
+             FROM notifications WHERE device = ? ORDER BY sent_at DESC",
+        )
+        .bind(&device.0[..])
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(notification_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let restrictions = sqlx::query(
+            "SELECT device, merchant_id, muted, dismissals, backoff_until
+             FROM restrictions WHERE device = ? ORDER BY merchant_id",
+        )
+        .bind(&device.0[..])
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(restriction_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -140,6 +170,8 @@ impl SqliteStore {
             last_activity: Timestamp(row.try_get("last_activity")?),
             receipts,
             current_cell,
+            notifications,
+            restrictions,
         }))
     }
 
@@ -147,6 +179,218 @@ impl SqliteStore {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
     }
+
+    pub(crate) async fn load_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        sqlx::query(
+            "SELECT device, purposes, last_activity, cell, cell_since, cell_last_seen, dwell_anchor
+             FROM devices",
+        )
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            let cell: Option<i64> = r.try_get("cell")?;
+            let dwell = match cell {
+                Some(c) => Some(Dwell {
+                    cell: c as u64,
+                    anchor: r.try_get::<Option<i64>, _>("dwell_anchor")?.unwrap_or(c) as u64,
+                    since: Timestamp(r.try_get::<Option<i64>, _>("cell_since")?.unwrap_or(0)),
+                    last_seen: Timestamp(
+                        r.try_get::<Option<i64>, _>("cell_last_seen")?.unwrap_or(0),
+                    ),
+                }),
+                None => None,
+            };
+            Ok(DeviceRow {
+                device: device_id(r, "device")?,
+                purposes: Purposes::from_bits(r.try_get::<i64, _>("purposes")? as u8),
+                last_activity: Timestamp(r.try_get("last_activity")?),
+                dwell,
+            })
+        })
+        .collect()
+    }
+
+    pub(crate) async fn load_notifications(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<Notification>, StoreError> {
+        sqlx::query(
+            "SELECT notification_id, device, offer_id, merchant_id, cell, sent_at, feedback
+             FROM notifications WHERE sent_at >= ? ORDER BY sent_at",
+        )
+        .bind(since.millis())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(notification_from_row)
+        .collect()
+    }
+
+    pub(crate) async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
+        sqlx::query(
+            "SELECT device, merchant_id, muted, dismissals, backoff_until FROM restrictions",
+        )
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(restriction_from_row)
+        .collect()
+    }
+
+    pub(crate) async fn load_offers(&self) -> Result<Vec<Offer>, StoreError> {
+        sqlx::query(
+            "SELECT offer_id, merchant_id, title, body, cell, radius_k, valid_from, valid_until,
+                    max_per_day, opening_hours, updated_at
+             FROM offers ORDER BY updated_at",
+        )
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(offer_from_row)
+        .collect()
+    }
+
+    pub(crate) async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT merchant_id, name, key_hash, created_at, revoked_at FROM merchants
+             WHERE merchant_id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.readers)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let cells = self.merchant_cells(id).await?;
+        merchant_from_row(&row, cells).map(Some)
+    }
+
+    async fn merchant_cells(&self, id: MerchantId) -> Result<Vec<u64>, StoreError> {
+        Ok(
+            sqlx::query("SELECT cell FROM merchant_cells WHERE merchant_id = ? ORDER BY cell")
+                .bind(id.to_string())
+                .fetch_all(&self.readers)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<i64, _>("cell").map(|c| c as u64))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    }
+
+    pub(crate) async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT merchant_id, name, key_hash, created_at, revoked_at FROM merchants
+             ORDER BY created_at, merchant_id",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id = uuid_col(&row, "merchant_id")?;
+            let cells = self.merchant_cells(id).await?;
+            out.push(merchant_from_row(&row, cells)?);
+        }
+        Ok(out)
+    }
+}
+
+fn device_id(r: &SqliteRow, col: &str) -> Result<DeviceId, StoreError> {
+    let bytes: Vec<u8> = r.try_get(col)?;
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{col} is not 16 bytes")))?;
+    Ok(DeviceId(arr))
+}
+
+fn uuid_col(r: &SqliteRow, col: &str) -> Result<uuid::Uuid, StoreError> {
+    let s: String = r.try_get(col)?;
+    uuid::Uuid::parse_str(&s).map_err(|_| StoreError::Corrupt(format!("{col} is not a UUID")))
+}
+
+fn opt_ts(r: &SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
+    Ok(r.try_get::<Option<i64>, _>(col)?.map(Timestamp))
+}
+
+fn notification_from_row(r: &SqliteRow) -> Result<Notification, StoreError> {
+    let feedback: Option<String> = r.try_get("feedback")?;
+    Ok(Notification {
+        notification_id: uuid_col(r, "notification_id")?,
+        device: device_id(r, "device")?,
+        offer_id: uuid_col(r, "offer_id")?,
+        merchant_id: uuid_col(r, "merchant_id")?,
+        cell: r.try_get::<i64, _>("cell")? as u64,
+        sent_at: Timestamp(r.try_get("sent_at")?),
+        feedback: feedback.as_deref().and_then(Feedback::parse),
+    })
+}
+
+fn restriction_from_row(r: &SqliteRow) -> Result<Restriction, StoreError> {
+    Ok(Restriction {
+        device: device_id(r, "device")?,
+        merchant_id: uuid_col(r, "merchant_id")?,
+        muted: r.try_get::<i64, _>("muted")? != 0,
+        dismissals: r.try_get::<i64, _>("dismissals")? as u32,
+        backoff_until: opt_ts(r, "backoff_until")?,
+    })
+}
+
+/// Opening hours as stored: "weekday,open,close;...".
+pub(crate) fn encode_hours(hours: &[OpeningHours]) -> String {
+    hours
+        .iter()
+        .map(|h| format!("{},{},{}", h.weekday, h.open, h.close))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+pub(crate) fn decode_hours(s: &str) -> Result<Vec<OpeningHours>, StoreError> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(';')
+        .map(|part| {
+            let mut it = part.split(',').map(str::parse::<u16>);
+            match (it.next(), it.next(), it.next()) {
+                (Some(Ok(w)), Some(Ok(o)), Some(Ok(c))) => Ok(OpeningHours {
+                    weekday: w as u8,
+                    open: o,
+                    close: c,
+                }),
+                _ => Err(StoreError::Corrupt(format!("opening hours {part:?}"))),
+            }
+        })
+        .collect()
+}
+
+fn offer_from_row(r: &SqliteRow) -> Result<Offer, StoreError> {
+    Ok(Offer {
+        offer_id: uuid_col(r, "offer_id")?,
+        merchant_id: uuid_col(r, "merchant_id")?,
+        title: r.try_get("title")?,
+        body: r.try_get("body")?,
+        cell: r.try_get::<i64, _>("cell")? as u64,
+        radius_k: r.try_get::<i64, _>("radius_k")? as u32,
+        valid_from: Timestamp(r.try_get("valid_from")?),
+        valid_until: Timestamp(r.try_get("valid_until")?),
+        max_notifications_per_day: r.try_get::<i64, _>("max_per_day")? as u32,
+        opening_hours: decode_hours(&r.try_get::<String, _>("opening_hours")?)?,
+        updated_at: Timestamp(r.try_get("updated_at")?),
+    })
+}
+
+fn merchant_from_row(r: &SqliteRow, cells: Vec<u64>) -> Result<Merchant, StoreError> {
+    let hash: Vec<u8> = r.try_get("key_hash")?;
+    Ok(Merchant {
+        merchant_id: uuid_col(r, "merchant_id")?,
+        name: r.try_get("name")?,
+        key_hash: hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("key_hash is not 32 bytes".into()))?,
+        cells,
+        created_at: Timestamp(r.try_get("created_at")?),
+        revoked_at: opt_ts(r, "revoked_at")?,
+    })
 }
 
 fn receipt_from_row(device: DeviceId, r: &SqliteRow) -> Result<ConsentReceipt, StoreError> {
@@ -186,12 +430,14 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
         WriteOp::PutConsent { receipt, now } => {
             let device = &receipt.device.0[..];
             sqlx::query(
-                "INSERT INTO devices (device, created_at, last_activity) VALUES (?, ?, ?)
-                 ON CONFLICT (device) DO UPDATE SET last_activity = excluded.last_activity",
+                "INSERT INTO devices (device, created_at, last_activity, purposes) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (device) DO UPDATE SET last_activity = excluded.last_activity,
+                   purposes = excluded.purposes",
             )
             .bind(device)
             .bind(now.millis())
             .bind(now.millis())
+            .bind(i64::from(receipt.purposes.bits()))
             .execute(&mut *conn)
             .await?;
             sqlx::query(
@@ -222,6 +468,8 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             let mut erased = 0;
             for sql in [
                 "DELETE FROM consent_receipts WHERE device = ?",
+                "DELETE FROM notifications WHERE device = ?",
+                "DELETE FROM restrictions WHERE device = ?",
                 "DELETE FROM devices WHERE device = ?",
             ] {
                 erased += sqlx::query(sql)
@@ -233,15 +481,180 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             Ok(WriteResult::Count(erased))
         }
         WriteOp::ExpireIdle { cutoff } => {
-            sqlx::query(
-                "DELETE FROM consent_receipts WHERE device IN
-                   (SELECT device FROM devices WHERE last_activity < ?)",
-            )
-            .bind(cutoff.millis())
-            .execute(&mut *conn)
-            .await?;
+            for table in ["consent_receipts", "notifications", "restrictions"] {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE device IN
+                       (SELECT device FROM devices WHERE last_activity < ?)"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cutoff.millis())
+                    .execute(&mut *conn)
+                    .await?;
+            }
             let n = sqlx::query("DELETE FROM devices WHERE last_activity < ?")
                 .bind(cutoff.millis())
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            Ok(WriteResult::Count(n))
+        }
+        WriteOp::Many(ops) => {
+            for op in ops {
+                Box::pin(apply_one(&mut *conn, op)).await?;
+            }
+            Ok(WriteResult::Done)
+        }
+        WriteOp::Presence { device, dwell, now } => {
+            sqlx::query(
+                "UPDATE devices SET cell = ?, cell_since = ?, cell_last_seen = ?, dwell_anchor = ?,
+                   last_activity = ? WHERE device = ?",
+            )
+            .bind(dwell.cell as i64)
+            .bind(dwell.since.millis())
+            .bind(dwell.last_seen.millis())
+            .bind(dwell.anchor as i64)
+            .bind(now.millis())
+            .bind(&device.0[..])
+            .execute(&mut *conn)
+            .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::Notify(n) => {
+            let device = &n.device.0[..];
+            sqlx::query(
+                "INSERT INTO notifications
+                   (notification_id, device, offer_id, merchant_id, cell, sent_at, feedback)
+                 VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            )
+            .bind(n.notification_id.to_string())
+            .bind(device)
+            .bind(n.offer_id.to_string())
+            .bind(n.merchant_id.to_string())
+            .bind(n.cell as i64)
+            .bind(n.sent_at.millis())
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
+                   (SELECT notification_id FROM notifications WHERE device = ?
+                    ORDER BY sent_at DESC LIMIT ?)",
+            )
+            .bind(device)
+            .bind(device)
+            .bind(NOTIFICATIONS_KEPT)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
+                .bind(n.sent_at.millis())
+                .bind(device)
+                .execute(&mut *conn)
+                .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::Feedback {
+            device,
+            notification_id,
+            feedback,
+            restriction,
+            now,
+        } => {
+            sqlx::query(
+                "UPDATE notifications SET feedback = ? WHERE notification_id = ? AND device = ?",
+            )
+            .bind(feedback.as_str())
+            .bind(notification_id.to_string())
+            .bind(&device.0[..])
+            .execute(&mut *conn)
+            .await?;
+            if let Some(r) = restriction {
+                sqlx::query(
+                    "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
+                     VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
+                       dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
+                )
+                .bind(&r.device.0[..])
+                .bind(r.merchant_id.to_string())
+                .bind(i64::from(r.muted))
+                .bind(i64::from(r.dismissals))
+                .bind(r.backoff_until.map(Timestamp::millis))
+                .execute(&mut *conn)
+                .await?;
+            }
+            sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
+                .bind(now.millis())
+                .bind(&device.0[..])
+                .execute(&mut *conn)
+                .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::PutMerchant(m) => {
+            sqlx::query(
+                "INSERT INTO merchants (merchant_id, name, key_hash, created_at, revoked_at)
+                 VALUES (?, ?, ?, ?, NULL)",
+            )
+            .bind(m.merchant_id.to_string())
+            .bind(&m.name)
+            .bind(&m.key_hash[..])
+            .bind(m.created_at.millis())
+            .execute(&mut *conn)
+            .await?;
+            for cell in &m.cells {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO merchant_cells (merchant_id, cell) VALUES (?, ?)",
+                )
+                .bind(m.merchant_id.to_string())
+                .bind(*cell as i64)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(WriteResult::Done)
+        }
+        WriteOp::RevokeMerchant { merchant_id, at } => {
+            let n = sqlx::query(
+                "UPDATE merchants SET revoked_at = ? WHERE merchant_id = ? AND revoked_at IS NULL",
+            )
+            .bind(at.millis())
+            .bind(merchant_id.to_string())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(WriteResult::Count(n))
+        }
+        WriteOp::PutOffer(o) => {
+            sqlx::query(
+                "INSERT INTO offers (offer_id, merchant_id, title, body, cell, radius_k, valid_from,
+                   valid_until, max_per_day, opening_hours, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (offer_id) DO UPDATE SET title = excluded.title, body = excluded.body,
+                   cell = excluded.cell, radius_k = excluded.radius_k,
+                   valid_from = excluded.valid_from, valid_until = excluded.valid_until,
+                   max_per_day = excluded.max_per_day, opening_hours = excluded.opening_hours,
+                   updated_at = excluded.updated_at
+                 WHERE offers.merchant_id = excluded.merchant_id",
+            )
+            .bind(o.offer_id.to_string())
+            .bind(o.merchant_id.to_string())
+            .bind(&o.title)
+            .bind(&o.body)
+            .bind(o.cell as i64)
+            .bind(i64::from(o.radius_k))
+            .bind(o.valid_from.millis())
+            .bind(o.valid_until.millis())
+            .bind(i64::from(o.max_notifications_per_day))
+            .bind(encode_hours(&o.opening_hours))
+            .bind(o.updated_at.millis())
+            .execute(&mut *conn)
+            .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::DeleteOffer {
+            merchant_id,
+            offer_id,
+        } => {
+            let n = sqlx::query("DELETE FROM offers WHERE offer_id = ? AND merchant_id = ?")
+                .bind(offer_id.to_string())
+                .bind(merchant_id.to_string())
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();

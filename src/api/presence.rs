@@ -1,0 +1,251 @@
+//! `hexveil.v1.PresenceService`: ReportPresence, StreamPresence and SendFeedback.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cells;
+use crate::clock::SharedClock;
+use crate::model::Feedback;
+use crate::presence::{Decision, Presence, Report};
+use crate::pseudonym::Pseudonymizer;
+use crate::settings::LiveSettings;
+
+use super::convert;
+use super::pb::{self, presence_service_server::PresenceService};
+use super::status::ApiError;
+use super::validate::Violations;
+
+/// Reports accepted from one stream before its replies must drain (back-pressure).
+const STREAM_IN_FLIGHT: usize = 4096;
+/// How far in the future `observed_at` may be (clock skew between phone and server).
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// The gRPC face of [`Presence`].
+#[derive(Debug, Clone)]
+pub struct PresenceApi {
+    presence: Presence,
+    pseudonyms: Pseudonymizer,
+    settings: LiveSettings,
+    clock: SharedClock,
+}
+
+impl PresenceApi {
+    pub fn new(
+        presence: Presence,
+        pseudonyms: Pseudonymizer,
+        settings: LiveSettings,
+        clock: SharedClock,
+    ) -> Self {
+        PresenceApi {
+            presence,
+            pseudonyms,
+            settings,
+            clock,
+        }
+    }
+
+    /// Validates a report, naming every bad field.
+    fn validate(&self, req: &pb::ReportPresenceRequest) -> Result<Report, ApiError> {
+        let settings = self.settings.current();
+        let loc = &settings.config.location;
+        let mut v = Violations::default();
+        v.device_token("device_token", &req.device_token);
+        let cell = match cells::admit(req.cell, loc.max_resolution, loc.finer_cells) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                v.add("cell", e.to_string());
+                None
+            }
+        };
+        let now = self.clock.now();
+        let observed_at = match &req.observed_at {
+            None => {
+                v.add("observed_at", "required");
+                None
+            }
+            Some(ts) if !(0..1_000_000_000).contains(&ts.nanos) || ts.seconds < 946_684_800 => {
+                v.add("observed_at", "must be a valid time after 2000-01-01");
+                None
+            }
+            Some(ts) => {
+                let t = crate::clock::Timestamp(
+                    ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000),
+                );
+                if t > now.plus(MAX_CLOCK_SKEW) {
+                    v.add("observed_at", "is in the future");
+                    None
+                } else {
+                    Some(t)
+                }
+            }
+        };
+        if !(-840..=840).contains(&req.utc_offset_minutes) {
+            v.add("utc_offset_minutes", "must be between -840 and 840");
+        }
+        v.finish()?;
+        match (cell, observed_at) {
+            (Some(cell), Some(observed_at)) => Ok(Report {
+                device: self.pseudonyms.device_id(&req.device_token),
+                cell,
+                observed_at,
+                utc_offset_minutes: req.utc_offset_minutes,
+            }),
+            // Unwrap safety is not needed: finish() returned Err if either was None.
+            _ => Err(ApiError::field("cell", "invalid")),
+        }
+    }
+
+    /// Decides one report now (in order) and returns the reply once it is durable.
+    fn process(
+        &self,
+        req: pb::ReportPresenceRequest,
+    ) -> impl std::future::Future<Output = pb::ReportPresenceReply> + Send + 'static {
+        let decided = self
+            .validate(&req)
+            .and_then(|r| self.presence.decide(r).map_err(ApiError::from));
+        let presence = self.presence.clone();
+        async move {
+            let result = match decided {
+                Ok((decision, commit)) => presence
+                    .commit(commit)
+                    .await
+                    .map(|()| decision)
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(d) => reply(&d),
+                Err(e) => error_reply(e),
+            }
+        }
+    }
+}
+
+fn reply(d: &Decision) -> pb::ReportPresenceReply {
+    pb::ReportPresenceReply {
+        offers: d
+            .offers
+            .iter()
+            .map(|(o, why)| convert::delivered(o, why))
+            .collect(),
+        reason: convert::reason(d.reason) as i32,
+        cell: d.cell,
+        error: None,
+    }
+}
+
+fn error_reply(e: ApiError) -> pb::ReportPresenceReply {
+    let status = Status::from(e.clone());
+    let (field, retry_after) = match &e {
+        ApiError::InvalidArgument(v) => {
+            (v.first().map(|(f, _)| f.clone()).unwrap_or_default(), None)
+        }
+        ApiError::RateLimited { retry_after } => {
+            (String::new(), Some(convert::duration(*retry_after)))
+        }
+        _ => (String::new(), None),
+    };
+    pb::ReportPresenceReply {
+        offers: Vec::new(),
+        reason: pb::NoOfferReason::None as i32,
+        cell: 0,
+        error: Some(pb::ReportError {
+            code: status.code() as i32,
+            field,
+            message: status.message().to_string(),
+            retry_after,
+        }),
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::ReportPresenceReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PresenceService for PresenceApi {
+    async fn report_presence(
+        &self,
+        request: Request<pb::ReportPresenceRequest>,
+    ) -> Result<Response<pb::ReportPresenceReply>, Status> {
+        let report = self.validate(request.get_ref())?;
+        let decision = self.presence.report(report).await.map_err(ApiError::from)?;
+        Ok(Response::new(reply(&decision)))
+    }
+
+    type StreamPresenceStream = ReplyStream;
+
+    async fn stream_presence(
+        &self,
+        request: Request<Streaming<pb::ReportPresenceRequest>>,
+    ) -> Result<Response<Self::StreamPresenceStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Reports are decided in arrival order as they are read; their replies are
+            // released in the same order, each once its writes are durable. Many reports
+            // are in flight at once, so one stream shares group commits with itself.
+            let mut pending = FuturesOrdered::new();
+            let mut open = true;
+            while open || !pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    Some(reply) = pending.next(), if !pending.is_empty() => {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                    msg = inbound.message(), if open && pending.len() < STREAM_IN_FLIGHT => match msg {
+                        Ok(Some(req)) => pending.push_back(this.process(req)),
+                        Ok(None) => open = false,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn send_feedback(
+        &self,
+        request: Request<pb::SendFeedbackRequest>,
+    ) -> Result<Response<pb::SendFeedbackReply>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        v.device_token("device_token", &req.device_token);
+        let offer_id = uuid::Uuid::try_parse(&req.offer_id);
+        if offer_id.is_err() {
+            v.add(
+                "offer_id",
+                "must be the UUID of an offer this device received",
+            );
+        }
+        let action = match pb::FeedbackAction::try_from(req.action) {
+            Ok(pb::FeedbackAction::Dismissed) => Some(Feedback::Dismissed),
+            Ok(pb::FeedbackAction::Opened) => Some(Feedback::Opened),
+            Ok(pb::FeedbackAction::MuteMerchant) => Some(Feedback::MuteMerchant),
+            _ => {
+                v.add("action", "must be DISMISSED, OPENED or MUTE_MERCHANT");
+                None
+            }
+        };
+        v.finish()?;
+        let (Ok(offer_id), Some(action)) = (offer_id, action) else {
+            return Err(ApiError::field("action", "invalid").into());
+        };
+        let device = self.pseudonyms.device_id(&req.device_token);
+        self.presence
+            .feedback(device, offer_id, action)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::SendFeedbackReply {}))
+    }
+}

@@ -1,0 +1,412 @@
+//! The decision pipeline for presence reports, in this order: (validated input) → per-device
+//! rate limit → consent → dwell update → candidate offers from the index → every cap →
+//! record the notification durably → reply.
+//!
+//! Architecture invariants: the decision runs on in-memory state under the device's shard
+//! lock (no SQL, no await), so two concurrent reports of one device cannot both pass a cap;
+//! everything the decision changed is written through the group commit before the reply is
+//! released; if that write fails, the reply is an error and no offer is shown (state stays
+//! as if it had been sent, which can only mean fewer notifications, never more).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use h3o::CellIndex;
+
+use crate::caps::{self, Reason, Sent, Standing};
+use crate::clock::{SharedClock, Timestamp};
+use crate::devices::{Devices, SentEntry};
+use crate::model::{Feedback, Notification, Offer, OfferId, Purpose, Restriction};
+use crate::offers::OfferIndex;
+use crate::pseudonym::DeviceId;
+use crate::settings::LiveSettings;
+use crate::store::{Store, StoreError, WriteOp};
+
+/// A validated report.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    pub device: DeviceId,
+    /// Already admitted (coarsened) to `location.max_resolution`.
+    pub cell: CellIndex,
+    pub observed_at: Timestamp,
+    pub utc_offset_minutes: i32,
+}
+
+/// Why this device was notified, in numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub grid_distance: u32,
+    pub dwell: Duration,
+    pub remaining_today: u32,
+    pub remaining_this_week: u32,
+}
+
+/// The outcome of a report.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub offers: Vec<(Offer, Explanation)>,
+    /// `None` when offers were given.
+    pub reason: Option<Reason>,
+    pub cell: u64,
+}
+
+/// Why a report could not be processed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PresenceError {
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error("no notification of this offer to this device")]
+    UnknownOffer,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Pending durable effects of a decision; the reply may be released once it resolves.
+pub type Commit = Option<WriteOp>;
+
+/// The presence engine.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    devices: Arc<Devices>,
+    index: Arc<OfferIndex>,
+    store: Store,
+    clock: SharedClock,
+    settings: LiveSettings,
+    flood: Arc<Mutex<HashMap<u64, (i64, u32)>>>,
+}
+
+impl Presence {
+    pub fn new(
+        devices: Arc<Devices>,
+        index: Arc<OfferIndex>,
+        store: Store,
+        clock: SharedClock,
+        settings: LiveSettings,
+    ) -> Self {
+        Presence {
+            devices,
+            index,
+            store,
+            clock,
+            settings,
+            flood: Arc::default(),
+        }
+    }
+
+    /// Decides and durably records one report.
+    pub async fn report(&self, report: Report) -> Result<Decision, PresenceError> {
+        let (decision, commit) = self.decide(report)?;
+        self.commit(commit).await?;
+        Ok(decision)
+    }
+
+    /// Writes what a decision changed; the decision may be shown once this returns `Ok`.
+    pub async fn commit(&self, commit: Commit) -> Result<(), PresenceError> {
+        if let Some(op) = commit {
+            self.store.write(op).await?;
+        }
+        Ok(())
+    }
+
+    /// Decides one report on in-memory state (no I/O). Returns the decision and the writes
+    /// that must commit before it is shown.
+    pub fn decide(&self, r: Report) -> Result<(Decision, Commit), PresenceError> {
+        let settings = self.settings.current();
+        let config = &settings.config;
+        let now = self.clock.now();
+        let cell = u64::from(r.cell);
+        let mut shard = self.devices.lock(&r.device);
+        let Some(state) = shard.get_mut(&r.device) else {
+            return Ok((no_offer(Reason::NoConsent, cell), None));
+        };
+        caps::gcra(
+            &mut state.gcra_tat,
+            now,
+            config.rate_limits.device_reports_per_hour,
+            config.rate_limits.device_burst,
+        )
+        .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
+
+        let dwell = caps::update_dwell(
+            state.dwell,
+            cell,
+            r.observed_at,
+            config.offers.max_report_age.get(),
+        );
+        state.dwell = Some(dwell);
+        state.last_activity = now;
+        let mut ops = vec![WriteOp::Presence {
+            device: r.device,
+            dwell,
+            now,
+        }];
+
+        let outcome = self.choose(state, &r, &dwell, now, &settings.config);
+        let decision = match outcome {
+            Err(reason) => no_offer(reason, cell),
+            Ok(chosen) => {
+                let mut offers = Vec::with_capacity(chosen.len());
+                for (candidate, mut why) in chosen {
+                    let offer = candidate.entry.offer.clone();
+                    let notification = Notification {
+                        notification_id: uuid::Uuid::new_v4(),
+                        device: r.device,
+                        offer_id: offer.offer_id,
+                        merchant_id: offer.merchant_id,
+                        cell,
+                        sent_at: now,
+                        feedback: None,
+                    };
+                    state.push_sent(
+                        SentEntry {
+                            notification_id: notification.notification_id,
+                            cell,
+                            sent: Sent {
+                                offer_id: offer.offer_id,
+                                merchant_id: offer.merchant_id,
+                                sent_at: now,
+                                feedback: None,
+                            },
+                        },
+                        now,
+                    );
+                    let mut sent = candidate
+                        .entry
+                        .sent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    sent.push_back(now);
+                    let day_ago = now.minus(caps::DAY);
+                    while sent.front().is_some_and(|t| *t <= day_ago) {
+                        sent.pop_front();
+                    }
+                    drop(sent);
+                    self.flood_take(cell, now);
+                    why.remaining_today =
+                        why.remaining_today.saturating_sub(offers.len() as u32 + 1);
+                    why.remaining_this_week = why
+                        .remaining_this_week
+                        .saturating_sub(offers.len() as u32 + 1);
+                    ops.push(WriteOp::Notify(notification));
+                    offers.push((offer, why));
+                }
+                metrics::counter!("hexveil_offers_delivered_total").increment(offers.len() as u64);
+                Decision {
+                    offers,
+                    reason: None,
+                    cell,
+                }
+            }
+        };
+        if let Some(reason) = decision.reason {
+            metrics::counter!("hexveil_no_offer_total", "reason" => reason.as_str()).increment(1);
+        }
+        let op = if ops.len() == 1 {
+            ops.pop()
+        } else {
+            Some(WriteOp::Many(ops))
+        };
+        Ok((decision, op))
+    }
+
+    /// Every rule after dwell, in order; the offers to send or the first reason not to.
+    fn choose(
+        &self,
+        state: &crate::devices::DeviceState,
+        r: &Report,
+        dwell: &crate::model::Dwell,
+        now: Timestamp,
+        config: &crate::config::Config,
+    ) -> Result<Vec<(crate::offers::Candidate, Explanation)>, Reason> {
+        if !state.purposes.contains(Purpose::NearbyOffers) {
+            return Err(Reason::NoConsent);
+        }
+        if crate::cells::excluded(u64::from(r.cell), &config.exclusions.cells) {
+            return Err(Reason::NoOffersNearby);
+        }
+        let age = now.millis() - r.observed_at.millis();
+        if age > crate::clock::duration_millis(config.offers.max_report_age.get()) {
+            return Err(Reason::StaleReport);
+        }
+        let candidates: Vec<_> = self
+            .index
+            .candidates(
+                r.cell,
+                config.offers.max_radius_k,
+                now,
+                r.utc_offset_minutes,
+            )
+            .into_iter()
+            .filter(|c| !crate::cells::excluded(c.entry.offer.cell, &config.exclusions.cells))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Reason::NoOffersNearby);
+        }
+        let log = state.sent();
+        let allowance = caps::device_caps(&config.caps, &log, dwell, r.utc_offset_minutes, now)?;
+        let room = config
+            .offers
+            .max_offers_per_reply
+            .min(allowance.remaining_day)
+            .min(allowance.remaining_week) as usize;
+        let mut first_reason = None;
+        let mut chosen: Vec<(crate::offers::Candidate, Explanation)> = Vec::new();
+        for candidate in candidates {
+            if chosen.len() >= room {
+                break;
+            }
+            let offer = &candidate.entry.offer;
+            if chosen
+                .iter()
+                .any(|(c, _)| c.entry.offer.merchant_id == offer.merchant_id)
+            {
+                continue;
+            }
+            let verdict = caps::merchant_caps(
+                &config.caps,
+                state.standing(offer.merchant_id),
+                &log,
+                offer.merchant_id,
+                now,
+            )
+            .and_then(|()| {
+                let sent = candidate
+                    .entry
+                    .sent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                caps::offer_cap(offer.max_notifications_per_day, &sent, now)
+            })
+            .and_then(|()| {
+                self.flood_check(
+                    u64::from(r.cell),
+                    now,
+                    config.caps.per_cell_per_minute,
+                    chosen.len() as u32,
+                )
+            });
+            match verdict {
+                Ok(()) => {
+                    let why = Explanation {
+                        grid_distance: candidate.distance,
+                        dwell: Duration::from_millis(
+                            (now.millis() - dwell.since.millis()).max(0) as u64
+                        ),
+                        remaining_today: allowance.remaining_day,
+                        remaining_this_week: allowance.remaining_week,
+                    };
+                    chosen.push((candidate, why));
+                }
+                Err(reason) => {
+                    first_reason.get_or_insert(reason);
+                }
+            }
+        }
+        if chosen.is_empty() {
+            return Err(first_reason.unwrap_or(Reason::NoOffersNearby));
+        }
+        Ok(chosen)
+    }
+
+    fn flood_check(&self, cell: u64, now: Timestamp, cap: u32, pending: u32) -> Result<(), Reason> {
+        let minute = now.millis().div_euclid(60_000);
+        let flood = self.flood.lock().unwrap_or_else(|p| p.into_inner());
+        let used = match flood.get(&cell) {
+            Some((m, n)) if *m == minute => *n,
+            _ => 0,
+        };
+        if used + pending >= cap {
+            Err(Reason::GlobalCellCap)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn flood_take(&self, cell: u64, now: Timestamp) {
+        let minute = now.millis().div_euclid(60_000);
+        let mut flood = self.flood.lock().unwrap_or_else(|p| p.into_inner());
+        if flood.len() > 100_000 {
+            flood.retain(|_, (m, _)| *m == minute);
+        }
+        let e = flood.entry(cell).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        e.1 += 1;
+    }
+
+    /// Restores the per-cell flood counters from notifications of the current minute.
+    pub fn load_flood(&self, notifications: &[Notification]) {
+        for n in notifications {
+            self.flood_take(n.cell, n.sent_at);
+        }
+    }
+
+    /// Records feedback on the latest notification of `offer_id` to `device`.
+    pub async fn feedback(
+        &self,
+        device: DeviceId,
+        offer_id: OfferId,
+        feedback: Feedback,
+    ) -> Result<(), PresenceError> {
+        let settings = self.settings.current();
+        let now = self.clock.now();
+        let op = {
+            let mut shard = self.devices.lock(&device);
+            let state = shard.get_mut(&device).ok_or(PresenceError::UnknownOffer)?;
+            let log = state.log.as_mut().ok_or(PresenceError::UnknownOffer)?;
+            let entry = log
+                .sent
+                .iter_mut()
+                .rev()
+                .find(|e| e.sent.offer_id == offer_id)
+                .ok_or(PresenceError::UnknownOffer)?;
+            // OPENED is never overwritten: it is what ends fatigue.
+            if entry.sent.feedback != Some(Feedback::Opened) || feedback == Feedback::Opened {
+                entry.sent.feedback = Some(feedback);
+            }
+            let (notification_id, merchant_id) = (entry.notification_id, entry.sent.merchant_id);
+            let stored_feedback = entry.sent.feedback.unwrap_or(feedback);
+            let standing = state.standing(merchant_id);
+            let new_standing = match feedback {
+                Feedback::Opened => None,
+                Feedback::Dismissed => {
+                    Some(caps::after_dismissal(&settings.config.caps, standing, now))
+                }
+                Feedback::MuteMerchant => Some(Standing {
+                    muted: true,
+                    ..standing
+                }),
+            };
+            if let Some(s) = new_standing {
+                state.set_standing(merchant_id, s);
+            }
+            state.last_activity = now;
+            WriteOp::Feedback {
+                device,
+                notification_id,
+                feedback: stored_feedback,
+                restriction: new_standing.map(|s| Restriction {
+                    device,
+                    merchant_id,
+                    muted: s.muted,
+                    dismissals: s.dismissals,
+                    backoff_until: s.backoff_until,
+                }),
+                now,
+            }
+        };
+        self.store.write(op).await?;
+        metrics::counter!("hexveil_feedback_total", "action" => feedback.as_str()).increment(1);
+        Ok(())
+    }
+}
+
+fn no_offer(reason: Reason, cell: u64) -> Decision {
+    Decision {
+        offers: Vec::new(),
+        reason: Some(reason),
+        cell,
+    }
+}
