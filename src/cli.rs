@@ -29,6 +29,69 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Register, list and revoke merchants (works while the server runs).
+    Merchant {
+        #[command(subcommand)]
+        command: MerchantCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Store URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "sqlite://hexveil-data/hexveil.db"
+    )]
+    pub store: String,
+    /// Config file (for location.max_resolution); defaults apply without one.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MerchantCommand {
+    /// Register a merchant at one or more H3 cells; prints its id and API key (shown once).
+    Add {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// A location cell (H3 index in hex, or decimal); repeat for several.
+        #[arg(long = "cell", required = true, value_parser = parse_cell)]
+        cells: Vec<u64>,
+        /// Print `{"merchant_id": ..., "api_key": ...}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List merchants (never their keys).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a merchant's API key; it stops working at once.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The merchant id printed by `merchant add`.
+        merchant_id: String,
+    },
+}
+
+fn parse_cell(s: &str) -> Result<u64, String> {
+    let raw = if s.chars().all(|c| c.is_ascii_digit()) && s.len() > 15 {
+        s.parse::<u64>().map_err(|e| e.to_string())?
+    } else {
+        u64::from_str_radix(s.trim_start_matches("0x"), 16)
+            .map_err(|_| format!("{s:?} is not an H3 index"))?
+    };
+    h3o::CellIndex::try_from(raw)
+        .map(u64::from)
+        .map_err(|e| format!("{s:?} is not a valid H3 cell: {e}"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,7 +160,97 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file, json },
         } => config_check(&file, json),
+        Command::Merchant { command } => match merchant(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
+}
+
+fn merchant(command: MerchantCommand) -> anyhow::Result<()> {
+    use crate::clock::Clock;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let open = |args: &StoreArgs| -> anyhow::Result<(crate::store::Store, u8)> {
+        let config = crate::config::Config::load(args.config.as_deref(), std::env::vars(), &[])
+            .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+        let store = runtime
+            .block_on(crate::store::Store::open(&args.store))
+            .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+        Ok((store, config.location.max_resolution))
+    };
+    let now = SystemClock.now();
+    match command {
+        MerchantCommand::Add {
+            store,
+            name,
+            cells,
+            json,
+        } => {
+            let (store, max_res) = open(&store)?;
+            let (m, key) = runtime
+                .block_on(crate::merchants::add(&store, &name, cells, max_res, now))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"merchant_id": m.merchant_id.to_string(), "api_key": key})
+                );
+            } else {
+                println!("merchant_id: {}", m.merchant_id);
+                println!("api_key:     {key}");
+                println!("The API key is shown only this once; hexveil stores only its hash.");
+            }
+        }
+        MerchantCommand::List { store, json } => {
+            let (store, _) = open(&store)?;
+            let merchants = runtime
+                .block_on(store.merchants())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for m in merchants {
+                let cells: Vec<String> = m.cells.iter().map(|c| format!("{c:x}")).collect();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "merchant_id": m.merchant_id.to_string(),
+                            "name": m.name,
+                            "cells": cells,
+                            "created_at_ms": m.created_at.millis(),
+                            "revoked_at_ms": m.revoked_at.map(|t| t.millis()),
+                        })
+                    );
+                } else {
+                    let state = if m.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}  {state:7}  {}  cells={}",
+                        m.merchant_id,
+                        m.name,
+                        cells.join(",")
+                    );
+                }
+            }
+        }
+        MerchantCommand::Revoke { store, merchant_id } => {
+            let id = uuid::Uuid::try_parse(&merchant_id).map_err(|_| {
+                anyhow::anyhow!("merchant_id: {merchant_id:?} is not a merchant id")
+            })?;
+            let (store, _) = open(&store)?;
+            runtime
+                .block_on(crate::merchants::revoke(&store, id, now))
+                .map_err(|e| anyhow::anyhow!("merchant_id {id}: {e}"))?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
