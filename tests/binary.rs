@@ -355,3 +355,145 @@ fn config_check_names_bad_values_and_unknown_keys() {
     assert!(text.contains("epsilon = "), "{text}");
     assert!(text.contains("95% interval of one count"), "{text}");
 }
+
+#[tokio::test]
+async fn a_device_notified_before_kill_9_gets_min_interval_after_restart() {
+    use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
+    use hexveil::api::pb::presence_service_client::PresenceServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hexveil.toml");
+    std::fs::write(
+        &config,
+        "[caps]\nmin_dwell = \"0s\"\nquiet_hours = \"\"\nmin_interval = \"2h\"\n",
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let server = BinServer::spawn(dir.path(), &args);
+
+    // Register a merchant with the CLI while the server runs.
+    let cell = h3o::LatLng::new(40.4168, -3.7038)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let store = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hexveil"))
+        .args([
+            "merchant",
+            "add",
+            "--store",
+            &store,
+            "--name",
+            "Churros",
+            "--cell",
+            &format!("{cell:x}"),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = added["api_key"].as_str().unwrap().to_string();
+    assert!(added["merchant_id"].as_str().unwrap().len() == 36);
+
+    let ch = connect(server.grpc).await;
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let mut merchant =
+        MerchantServiceClient::with_interceptor(ch.clone(), move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", header.clone());
+            Ok(req)
+        });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    merchant
+        .upsert_offer(pb::UpsertOfferRequest {
+            offer: Some(pb::Offer {
+                title: "Churros".into(),
+                cell: cell.into(),
+                radius_k: 1,
+                valid_from: Some(prost_types::Timestamp {
+                    seconds: now - 60,
+                    nanos: 0,
+                }),
+                valid_until: Some(prost_types::Timestamp {
+                    seconds: now + 86_400,
+                    nanos: 0,
+                }),
+                max_notifications_per_day: 100,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let d = "dev-restart-000001";
+    consent_client(ch.clone())
+        .set_consent(set(d))
+        .await
+        .unwrap();
+    let report = || pb::ReportPresenceRequest {
+        device_token: d.into(),
+        cell: cell.into(),
+        observed_at: Some(prost_types::Timestamp {
+            seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64,
+            nanos: 0,
+        }),
+        utc_offset_minutes: 0,
+    };
+    let first = PresenceServiceClient::new(ch.clone())
+        .report_presence(report())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.reason, pb::NoOfferReason::None as i32);
+    assert_eq!(first.offers.len(), 1);
+    drop(ch);
+    server.kill9();
+
+    let restarted = BinServer::spawn(dir.path(), &args);
+    let ch = connect(restarted.grpc).await;
+    let second = PresenceServiceClient::new(ch.clone())
+        .report_presence(report())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.reason,
+        pb::NoOfferReason::MinInterval as i32,
+        "caps hold across kill -9"
+    );
+    assert!(second.offers.is_empty());
+    let mine = transparency_client(ch)
+        .get_my_data(pb::GetMyDataRequest {
+            device_token: d.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.notifications.len(), 1);
+    assert_eq!(mine.notifications[0].offer_id, first.offers[0].offer_id);
+
+    // `merchant list` shows it, `merchant revoke` stops its key at once.
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_hexveil"))
+        .args(["merchant", "list", "--store", &store])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("Churros"));
+    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_hexveil"))
+        .args([
+            "merchant",
+            "revoke",
+            "--store",
+            &store,
+            added["merchant_id"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(revoke.status.success());
+}

@@ -67,14 +67,15 @@ impl TestServer {
         self.dir.path().join("hexveil.db")
     }
 
-    /// Stops the server and waits for it to drain.
-    pub async fn stop(mut self) {
+    /// Stops the server, waits for it to drain, and hands back its data dir.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+        self.dir
     }
 }
 
