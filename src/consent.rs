@@ -44,6 +44,8 @@ pub struct MyData {
     /// Newest first.
     pub notifications: Vec<Notification>,
     pub restrictions: Vec<Restriction>,
+    /// Unreleased foot-traffic contributions and when the last of them is deleted.
+    pub pending_contributions: Option<(u64, Timestamp)>,
     pub last_activity: Option<Timestamp>,
     /// When everything expires if the device stays inactive.
     pub retention_deadline: Option<Timestamp>,
@@ -160,6 +162,13 @@ impl Consents {
             current_cell: snapshot.current_cell,
             notifications: snapshot.notifications,
             restrictions: snapshot.restrictions,
+            pending_contributions: snapshot.latest_pending_bucket.map(|b| {
+                let ins = &self.settings.current().config.insights;
+                (
+                    snapshot.pending_contributions,
+                    b.plus(ins.bucket.get()).plus(ins.grace.get()),
+                )
+            }),
             last_activity: Some(snapshot.last_activity),
             retention_deadline: Some(deadline),
         })

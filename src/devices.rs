@@ -28,6 +28,10 @@ pub struct DeviceState {
     pub gcra_tat: i64,
     pub dwell: Option<Dwell>,
     pub log: Option<Box<DeviceLog>>,
+    /// Unreleased foot-traffic contributions (bucket, cell), for contribution bounding.
+    /// Boxed so a device without any costs 8 bytes, not 24: RAM per device is a target.
+    #[allow(clippy::box_collection)]
+    pub contrib: Option<Box<Vec<(Timestamp, u64)>>>,
 }
 
 /// Notifications (oldest first) and standings, only for devices that were ever notified.
@@ -171,6 +175,18 @@ impl Devices {
         self.len() == 0
     }
 
+    /// Restores contribution bounds from the unreleased contributions in the store.
+    pub fn load_contributions(&self, rows: Vec<(DeviceId, u64, Timestamp)>) {
+        for (device, cell, bucket) in rows {
+            if let Some(state) = self.lock(&device).get_mut(&device) {
+                state
+                    .contrib
+                    .get_or_insert_with(Default::default)
+                    .push((bucket, cell));
+            }
+        }
+    }
+
     /// Rebuilds the table from stored rows, notifications (oldest first) and restrictions.
     pub fn load(
         &self,
@@ -190,6 +206,7 @@ impl Devices {
                     gcra_tat: 0,
                     dwell: row.dwell,
                     log: None,
+                    contrib: None,
                 },
             );
         }

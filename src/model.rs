@@ -105,6 +105,9 @@ pub struct DeviceSnapshot {
     /// Newest first.
     pub notifications: Vec<Notification>,
     pub restrictions: Vec<Restriction>,
+    /// Unreleased foot-traffic contributions and the latest bucket among them.
+    pub pending_contributions: u64,
+    pub latest_pending_bucket: Option<Timestamp>,
 }
 
 /// A merchant id (UUID).
@@ -233,4 +236,33 @@ pub struct DeviceRow {
     pub purposes: Purposes,
     pub last_activity: Timestamp,
     pub dwell: Option<Dwell>,
+}
+
+/// One released bucket's ledger entry: what was spent, with which mechanism and scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerEntry {
+    /// Bucket start.
+    pub bucket: Timestamp,
+    pub bucket_len_ms: i64,
+    pub released_at: Timestamp,
+    /// `"discrete_gaussian"` or `"discrete_laplace"`.
+    pub mechanism: String,
+    pub scale: f64,
+    /// zCDP ρ of this release for a device at the contribution bound (Gaussian; else 0).
+    pub rho: f64,
+    /// Pure-DP ε of this release (Laplace; else 0).
+    pub epsilon: f64,
+    pub l1_sensitivity: f64,
+    pub l2_sensitivity: f64,
+    pub threshold: u32,
+    pub cells: u64,
+}
+
+/// One released (noisy) count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleasedCount {
+    pub bucket: Timestamp,
+    pub cell: u64,
+    pub noisy: i64,
+    pub suppressed: bool,
 }

@@ -19,6 +19,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::devices::{Devices, SentEntry};
 use crate::model::{Feedback, Notification, Offer, OfferId, Purpose, Restriction};
 use crate::offers::OfferIndex;
+use crate::privacy::Insights;
 use crate::pseudonym::DeviceId;
 use crate::settings::LiveSettings;
 use crate::store::{Store, StoreError, WriteOp};
@@ -73,6 +74,7 @@ pub struct Presence {
     store: Store,
     clock: SharedClock,
     settings: LiveSettings,
+    insights: Insights,
     flood: Arc<Mutex<HashMap<u64, (i64, u32)>>>,
 }
 
@@ -83,6 +85,7 @@ impl Presence {
         store: Store,
         clock: SharedClock,
         settings: LiveSettings,
+        insights: Insights,
     ) -> Self {
         Presence {
             devices,
@@ -90,6 +93,7 @@ impl Presence {
             store,
             clock,
             settings,
+            insights,
             flood: Arc::default(),
         }
     }
@@ -141,6 +145,13 @@ impl Presence {
             dwell,
             now,
         }];
+        // Foot traffic counts every accepted report of a consenting device, offer or not.
+        if let Some(op) =
+            self.insights
+                .contribute(state, r.device, cell, r.observed_at, now, config)
+        {
+            ops.push(op);
+        }
 
         let outcome = self.choose(state, &r, &dwell, now, &settings.config);
         let decision = match outcome {

@@ -4,4 +4,13 @@
 //! Architecture invariant: nothing leaves this module towards a merchant without noise.
 
 pub mod accounting;
+pub mod contrib;
+pub mod domain;
 pub mod mechanism;
+pub mod query;
+pub mod release;
+
+pub use release::{Insights, InsightsError, ReleaseRun};
+
+#[cfg(test)]
+mod tests;

@@ -24,6 +24,7 @@ use crate::consent::Consents;
 use crate::devices::Devices;
 use crate::offers::{OfferIndex, Offers};
 use crate::presence::Presence;
+use crate::privacy::Insights;
 use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
 use crate::reload::{ConfigSource, Reloader};
 use crate::settings::{LiveSettings, Settings};
@@ -34,6 +35,8 @@ const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often the offer index is reloaded from the store (changes made by other processes,
 /// such as `hexveil merchant revoke`, or other nodes).
 const OFFER_REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How often due foot-traffic buckets are looked for.
+const RELEASE_EVERY: Duration = Duration::from_secs(5);
 /// How often the store is pinged for the health status.
 const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish after a shutdown signal. Every acknowledged
@@ -51,6 +54,7 @@ pub struct App {
     pub devices: Arc<Devices>,
     pub presence: Presence,
     pub offers: Offers,
+    pub insights: Insights,
 }
 
 impl App {
@@ -73,12 +77,15 @@ impl App {
             clock.clone(),
             settings.clone(),
         );
+        let insights = Insights::new(store.clone(), clock.clone(), settings.clone());
+        insights.load().await?;
         let presence = Presence::new(
             devices.clone(),
             index.clone(),
             store.clone(),
             clock.clone(),
             settings.clone(),
+            insights.clone(),
         );
         let offers = Offers::new(store.clone(), index, clock.clone(), settings.clone());
         // Rebuild in-memory state so caps hold across restarts.
@@ -97,6 +104,7 @@ impl App {
             notifications,
             store.load_restrictions().await?,
         );
+        devices.load_contributions(store.load_contributions().await?);
         offers.refresh().await?;
         tracing::info!(
             devices = devices.len(),
@@ -113,6 +121,7 @@ impl App {
             devices,
             presence,
             offers,
+            insights,
         })
     }
 }
@@ -179,6 +188,8 @@ pub async fn run(
         ))
         .service(MerchantServiceServer::new(MerchantApi::new(
             app.offers.clone(),
+            app.store.clone(),
+            app.settings.clone(),
         )));
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -216,7 +227,29 @@ pub async fn run(
         });
     }
     {
+        let insights = app.insights.clone();
+        let rx = stop_rx.clone();
+        jobs.spawn(async move {
+            let mut tick = tokio::time::interval(RELEASE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stop = stopped(rx);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        // The store being down means nothing is released: never fail open.
+                        if let Err(e) = insights.release_due().await {
+                            tracing::warn!(error = %e, "foot-traffic release failed; will retry");
+                        }
+                    }
+                    () = &mut stop => break,
+                }
+            }
+        });
+    }
+    {
         let offers = app.offers.clone();
+        let insights = app.insights.clone();
         let rx = stop_rx.clone();
         jobs.spawn(async move {
             let mut tick = tokio::time::interval(OFFER_REFRESH_EVERY);
@@ -228,6 +261,9 @@ pub async fn run(
                     _ = tick.tick() => {
                         if let Err(e) = offers.refresh().await {
                             tracing::warn!(error = %e, "offer index refresh failed; will retry");
+                        }
+                        if let Err(e) = insights.refresh_domain().await {
+                            tracing::warn!(error = %e, "domain refresh failed; will retry");
                         }
                     }
                     () = &mut stop => break,

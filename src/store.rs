@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, DeviceRow, DeviceSnapshot, Dwell, Feedback, Merchant, MerchantId, Notification,
-    Offer, OfferId, Restriction,
+    ConsentReceipt, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant, MerchantId,
+    Notification, Offer, OfferId, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -111,6 +111,19 @@ pub enum WriteOp {
     },
     /// Several writes of one request, applied in order in the same transaction.
     Many(Vec<WriteOp>),
+    /// Records a foot-traffic contribution (idempotent per device, cell and bucket).
+    Contribute {
+        device: DeviceId,
+        cell: u64,
+        bucket: Timestamp,
+    },
+    /// Releases a bucket in one transaction: the ledger entry, the noisy table, and the
+    /// deletion of the bucket's raw contributions. Yields 1, or 0 (and changes nothing) if
+    /// the bucket was already released.
+    Release {
+        entry: LedgerEntry,
+        counts: Vec<ReleasedCount>,
+    },
 }
 
 /// What a write yields once committed.
@@ -266,6 +279,46 @@ impl Store {
     pub async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
         match &*self.backend {
             Backend::Sqlite(s) => s.merchant(id).await,
+        }
+    }
+
+    /// Distinct contribution counts per cell of one bucket.
+    pub async fn bucket_counts(&self, bucket: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.bucket_counts(bucket).await,
+        }
+    }
+
+    /// Buckets that still hold raw contributions, oldest first.
+    pub async fn unreleased_buckets(&self) -> Result<Vec<Timestamp>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.unreleased_buckets().await,
+        }
+    }
+
+    /// Every unreleased contribution as (device, cell, bucket), to rebuild bounds at start.
+    pub async fn load_contributions(&self) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_contributions().await,
+        }
+    }
+
+    /// The ledger, oldest first.
+    pub async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.ledger().await,
+        }
+    }
+
+    /// Released counts of `cells` for buckets starting in `[start, end)`.
+    pub async fn released(
+        &self,
+        cells: &[u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<ReleasedCount>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.released(cells, start, end).await,
         }
     }
 

@@ -96,7 +96,12 @@ pub fn my_data(d: &MyData) -> pb::MyData {
                 out
             })
             .collect(),
-        pending_contributions: None,
+        pending_contributions: d.pending_contributions.map(|(count, deadline)| {
+            pb::PendingContributions {
+                count,
+                retention_deadline: Some(timestamp(deadline)),
+            }
+        }),
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
     }
@@ -234,5 +239,34 @@ pub fn reason(r: Option<crate::caps::Reason>) -> pb::NoOfferReason {
         Some(R::OfferCap) => pb::NoOfferReason::OfferCap,
         Some(R::StaleReport) => pb::NoOfferReason::StaleReport,
         Some(R::GlobalCellCap) => pb::NoOfferReason::GlobalCellCap,
+    }
+}
+
+pub fn privacy_params(s: &crate::settings::Settings) -> pb::PrivacyParams {
+    let c = &s.config;
+    let dp = &s.consequences.privacy;
+    pb::PrivacyParams {
+        mechanism: dp.mechanism.to_string(),
+        epsilon_per_device_per_day: dp.epsilon_per_device_per_day,
+        delta: dp.delta,
+        noise_std_dev: dp.noise_std_dev,
+        ci95_half_width: dp.ci95_half_width,
+        threshold: dp.threshold,
+        bucket: Some(duration(c.insights.bucket.get())),
+        resolution: u32::from(c.insights.resolution),
+        max_cells_per_bucket: c.privacy.max_cells_per_bucket,
+        explanation: format!(
+            "Each count is the number of distinct consenting devices seen in a cell per {}, \
+             plus random noise (standard deviation {:.1}), so that nobody's presence can be \
+             inferred: 95% of counts are within ±{:.0} of the truth. Counts below {} are shown \
+             as suppressed. Each device counts in at most {} cells per period; its privacy loss \
+             is at most ε = {:.2} per day.",
+            c.insights.bucket,
+            dp.noise_std_dev,
+            dp.ci95_half_width,
+            dp.threshold,
+            c.privacy.max_cells_per_bucket,
+            dp.epsilon_per_device_per_day
+        ),
     }
 }

@@ -19,6 +19,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::merchants::{self, MerchantError};
 use crate::model::{Merchant, MerchantId, Offer};
 use crate::offers::Offers;
+use crate::privacy::query::{self, Granularity};
 use crate::settings::LiveSettings;
 use crate::store::Store;
 
@@ -148,15 +149,21 @@ fn merchant_of<T>(req: &Request<T>) -> Result<Arc<Merchant>, Status> {
         .ok_or_else(|| ApiError::Unauthenticated.into())
 }
 
-/// The gRPC face of [`Offers`].
+/// The gRPC face of [`Offers`] and of released foot traffic.
 #[derive(Debug, Clone)]
 pub struct MerchantApi {
     offers: Offers,
+    store: Store,
+    settings: LiveSettings,
 }
 
 impl MerchantApi {
-    pub fn new(offers: Offers) -> Self {
-        MerchantApi { offers }
+    pub fn new(offers: Offers, store: Store, settings: LiveSettings) -> Self {
+        MerchantApi {
+            offers,
+            store,
+            settings,
+        }
     }
 }
 
@@ -263,5 +270,51 @@ impl MerchantService for MerchantApi {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::DeleteOfferReply {}))
+    }
+
+    async fn get_foot_traffic(
+        &self,
+        request: Request<pb::GetFootTrafficRequest>,
+    ) -> Result<Response<pb::GetFootTrafficReply>, Status> {
+        let merchant = merchant_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let start = timestamp(&mut v, "start", &req.start);
+        let end = timestamp(&mut v, "end", &req.end);
+        let granularity = match pb::Granularity::try_from(req.granularity) {
+            Ok(pb::Granularity::Day) => Granularity::Day,
+            Ok(pb::Granularity::Hour | pb::Granularity::Unspecified) => Granularity::Hour,
+            Err(_) => {
+                v.add("granularity", "must be HOUR or DAY");
+                Granularity::Hour
+            }
+        };
+        v.finish()?;
+        let settings = self.settings.current();
+        let points = query::foot_traffic(
+            &self.store,
+            &settings,
+            &merchant,
+            &req.cells,
+            start,
+            end,
+            granularity,
+        )
+        .await
+        .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetFootTrafficReply {
+            points: points
+                .iter()
+                .map(|p| pb::FootTrafficPoint {
+                    cell: p.cell,
+                    bucket_start: Some(convert::timestamp(p.bucket_start)),
+                    count: p.count,
+                    suppressed: p.suppressed,
+                    ci95_low: p.ci95_low,
+                    ci95_high: p.ci95_high,
+                })
+                .collect(),
+            params: Some(convert::privacy_params(&settings)),
+        }))
     }
 }

@@ -68,6 +68,19 @@ impl From<crate::merchants::MerchantError> for ApiError {
     }
 }
 
+impl From<crate::privacy::query::QueryError> for ApiError {
+    fn from(e: crate::privacy::query::QueryError) -> Self {
+        use crate::privacy::query::QueryError as Q;
+        match e {
+            Q::Invalid { field, message } => ApiError::field(field, message),
+            Q::OutsideArea(cell) => ApiError::PermissionDenied(format!(
+                "cell {cell:x} is outside your area (insights.scope = \"own_area\")"
+            )),
+            Q::Store(s) => ApiError::Store(s),
+        }
+    }
+}
+
 impl From<ConsentError> for ApiError {
     fn from(e: ConsentError) -> Self {
         match e {

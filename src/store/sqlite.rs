@@ -17,8 +17,8 @@ use super::group_commit::{self, BatchWriter, Pending};
 use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, CurrentCell, DeviceRow, DeviceSnapshot, Dwell, Feedback, Merchant, MerchantId,
-    Notification, Offer, OpeningHours, Purposes, Restriction,
+    ConsentReceipt, CurrentCell, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
+    MerchantId, Notification, Offer, OpeningHours, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "offers and caps",
         include_str!("migrations/sqlite/0002_offers_and_caps.sql"),
+    ),
+    (
+        3,
+        "foot traffic",
+        include_str!("migrations/sqlite/0003_foot_traffic.sql"),
     ),
 ];
 
@@ -151,6 +156,12 @@ impl SqliteStore {
         .iter()
         .map(restriction_from_row)
         .collect::<Result<Vec<_>, _>>()?;
+        let pending = sqlx::query(
+            "SELECT COUNT(*) AS n, MAX(bucket) AS latest FROM contributions WHERE device = ?",
+        )
+        .bind(&device.0[..])
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -172,6 +183,8 @@ impl SqliteStore {
             current_cell,
             notifications,
             restrictions,
+            pending_contributions: pending.try_get::<i64, _>("n")? as u64,
+            latest_pending_bucket: opt_ts(&pending, "latest")?,
         }))
     }
 
@@ -276,6 +289,127 @@ impl SqliteStore {
                 .map(|r| r.try_get::<i64, _>("cell").map(|c| c as u64))
                 .collect::<Result<Vec<_>, _>>()?,
         )
+    }
+
+    pub(crate) async fn bucket_counts(
+        &self,
+        bucket: Timestamp,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        sqlx::query("SELECT cell, COUNT(*) AS n FROM contributions WHERE bucket = ? GROUP BY cell")
+            .bind(bucket.millis())
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("cell")? as u64,
+                    r.try_get::<i64, _>("n")? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn unreleased_buckets(&self) -> Result<Vec<Timestamp>, StoreError> {
+        sqlx::query("SELECT DISTINCT bucket FROM contributions ORDER BY bucket")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| Ok(Timestamp(r.try_get("bucket")?)))
+            .collect()
+    }
+
+    pub(crate) async fn load_contributions(
+        &self,
+    ) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
+        sqlx::query("SELECT device, cell, bucket FROM contributions")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    device_id(r, "device")?,
+                    r.try_get::<i64, _>("cell")? as u64,
+                    Timestamp(r.try_get("bucket")?),
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
+        sqlx::query("SELECT * FROM ledger ORDER BY bucket")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(LedgerEntry {
+                    bucket: Timestamp(r.try_get("bucket")?),
+                    bucket_len_ms: r.try_get("bucket_len_ms")?,
+                    released_at: Timestamp(r.try_get("released_at")?),
+                    mechanism: r.try_get("mechanism")?,
+                    scale: r.try_get("scale")?,
+                    rho: r.try_get("rho")?,
+                    epsilon: r.try_get("epsilon")?,
+                    l1_sensitivity: r.try_get("l1_sensitivity")?,
+                    l2_sensitivity: r.try_get("l2_sensitivity")?,
+                    threshold: r.try_get::<i64, _>("threshold")? as u32,
+                    cells: r.try_get::<i64, _>("cells")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn released(
+        &self,
+        cells: &[u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<ReleasedCount>, StoreError> {
+        let mut out = Vec::new();
+        if cells.len() > 32 {
+            // Many cells: one scan of the time range, filtered here.
+            let wanted: std::collections::HashSet<u64> = cells.iter().copied().collect();
+            let rows = sqlx::query(
+                "SELECT bucket, cell, noisy, suppressed FROM releases
+                 WHERE bucket >= ? AND bucket < ? ORDER BY bucket, cell",
+            )
+            .bind(start.millis())
+            .bind(end.millis())
+            .fetch_all(&self.readers)
+            .await?;
+            for r in rows {
+                let cell = r.try_get::<i64, _>("cell")? as u64;
+                if wanted.contains(&cell) {
+                    out.push(ReleasedCount {
+                        bucket: Timestamp(r.try_get("bucket")?),
+                        cell,
+                        noisy: r.try_get("noisy")?,
+                        suppressed: r.try_get::<i64, _>("suppressed")? != 0,
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        // A few cells: one indexed range scan per cell.
+        for cell in cells {
+            let rows = sqlx::query(
+                "SELECT bucket, cell, noisy, suppressed FROM releases
+                 WHERE cell = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
+            )
+            .bind(*cell as i64)
+            .bind(start.millis())
+            .bind(end.millis())
+            .fetch_all(&self.readers)
+            .await?;
+            for r in rows {
+                out.push(ReleasedCount {
+                    bucket: Timestamp(r.try_get("bucket")?),
+                    cell: r.try_get::<i64, _>("cell")? as u64,
+                    noisy: r.try_get("noisy")?,
+                    suppressed: r.try_get::<i64, _>("suppressed")? != 0,
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
@@ -468,6 +602,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             let mut erased = 0;
             for sql in [
                 "DELETE FROM consent_receipts WHERE device = ?",
+                "DELETE FROM contributions WHERE device = ?",
                 "DELETE FROM notifications WHERE device = ?",
                 "DELETE FROM restrictions WHERE device = ?",
                 "DELETE FROM devices WHERE device = ?",
@@ -481,7 +616,12 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             Ok(WriteResult::Count(erased))
         }
         WriteOp::ExpireIdle { cutoff } => {
-            for table in ["consent_receipts", "notifications", "restrictions"] {
+            for table in [
+                "consent_receipts",
+                "contributions",
+                "notifications",
+                "restrictions",
+            ] {
                 let sql = format!(
                     "DELETE FROM {table} WHERE device IN
                        (SELECT device FROM devices WHERE last_activity < ?)"
@@ -503,6 +643,62 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 Box::pin(apply_one(&mut *conn, op)).await?;
             }
             Ok(WriteResult::Done)
+        }
+        WriteOp::Contribute {
+            device,
+            cell,
+            bucket,
+        } => {
+            sqlx::query(
+                "INSERT OR IGNORE INTO contributions (bucket, cell, device) VALUES (?, ?, ?)",
+            )
+            .bind(bucket.millis())
+            .bind(*cell as i64)
+            .bind(&device.0[..])
+            .execute(&mut *conn)
+            .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::Release { entry, counts } => {
+            let inserted = sqlx::query(
+                "INSERT OR IGNORE INTO ledger (bucket, bucket_len_ms, released_at, mechanism, scale,
+                   rho, epsilon, l1_sensitivity, l2_sensitivity, threshold, cells)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(entry.bucket.millis())
+            .bind(entry.bucket_len_ms)
+            .bind(entry.released_at.millis())
+            .bind(&entry.mechanism)
+            .bind(entry.scale)
+            .bind(entry.rho)
+            .bind(entry.epsilon)
+            .bind(entry.l1_sensitivity)
+            .bind(entry.l2_sensitivity)
+            .bind(i64::from(entry.threshold))
+            .bind(entry.cells as i64)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // Already released (a retry, or another node): change nothing.
+                return Ok(WriteResult::Count(0));
+            }
+            for c in counts {
+                sqlx::query(
+                    "INSERT INTO releases (bucket, cell, noisy, suppressed) VALUES (?, ?, ?, ?)",
+                )
+                .bind(c.bucket.millis())
+                .bind(c.cell as i64)
+                .bind(c.noisy)
+                .bind(i64::from(c.suppressed))
+                .execute(&mut *conn)
+                .await?;
+            }
+            sqlx::query("DELETE FROM contributions WHERE bucket = ?")
+                .bind(entry.bucket.millis())
+                .execute(&mut *conn)
+                .await?;
+            Ok(WriteResult::Count(1))
         }
         WriteOp::Presence { device, dwell, now } => {
             sqlx::query(

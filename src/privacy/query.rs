@@ -1,0 +1,209 @@
+//! Merchant queries: read released tables only (free to query, no extra privacy loss), by
+//! hour or day, for cells at `insights.resolution` or coarser. Sums of released values (day
+//! totals, coarser areas) carry intervals widened for the number of noisy terms they add.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use h3o::CellIndex;
+
+use crate::cells;
+use crate::clock::Timestamp;
+use crate::config::{Config, InsightsScope};
+use crate::model::Merchant;
+use crate::settings::Settings;
+use crate::store::{Store, StoreError};
+
+use super::accounting::{self, Mechanism};
+use super::domain;
+use super::release::mechanism_of;
+
+/// Most cells in one query.
+pub const MAX_CELLS: usize = 500;
+/// Longest time range in one query.
+pub const MAX_RANGE_DAYS: i64 = 400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Hour,
+    Day,
+}
+
+/// One point of a foot-traffic series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub cell: u64,
+    pub bucket_start: Timestamp,
+    /// The noisy count (0 when suppressed).
+    pub count: i64,
+    pub suppressed: bool,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+}
+
+/// Why a query was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueryError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("cell {0:x} is outside this merchant's area")]
+    OutsideArea(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> QueryError {
+    QueryError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The released cells (at `insights.resolution`) a requested cell stands for.
+fn members(cell: u64, config: &Config, i: usize) -> Result<Vec<u64>, QueryError> {
+    let c = CellIndex::try_from(cell)
+        .map_err(|_| invalid(format!("cells[{i}]"), "not a valid H3 cell"))?;
+    let r = cells::resolution(config.insights.resolution);
+    if c.resolution() > r {
+        return Err(invalid(
+            format!("cells[{i}]"),
+            format!(
+                "finer than insights.resolution ({}); counts exist only at that resolution or coarser",
+                config.insights.resolution
+            ),
+        ));
+    }
+    Ok(c.children(r).map(u64::from).collect())
+}
+
+/// Answers a query of `merchant` from released tables only.
+pub async fn foot_traffic(
+    store: &Store,
+    settings: &Settings,
+    merchant: &Merchant,
+    cells_in: &[u64],
+    start: Timestamp,
+    end: Timestamp,
+    granularity: Granularity,
+) -> Result<Vec<Point>, QueryError> {
+    let config = &settings.config;
+    if cells_in.is_empty() {
+        return Err(invalid("cells", "at least one cell is required"));
+    }
+    if cells_in.len() > MAX_CELLS {
+        return Err(invalid(
+            "cells",
+            format!("at most {MAX_CELLS} cells per query"),
+        ));
+    }
+    if end <= start {
+        return Err(invalid("end", "must be after start"));
+    }
+    if end.millis() - start.millis() > MAX_RANGE_DAYS * 86_400_000 {
+        return Err(invalid(
+            "end",
+            format!("the range may span at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    let area: Option<BTreeSet<u64>> = match config.insights.scope {
+        InsightsScope::OwnArea => Some(domain::merchant_area(merchant, config)),
+        InsightsScope::All => None,
+    };
+    let mut groups = Vec::with_capacity(cells_in.len());
+    for (i, cell) in cells_in.iter().enumerate() {
+        let m = members(*cell, config, i)?;
+        if let Some(area) = &area
+            && m.iter().any(|c| !area.contains(c))
+        {
+            return Err(QueryError::OutsideArea(*cell));
+        }
+        groups.push((*cell, m));
+    }
+    let all: Vec<u64> = groups.iter().flat_map(|(_, m)| m.iter().copied()).collect();
+    let released = store.released(&all, start, end).await?;
+    let ledger: HashMap<i64, (Mechanism, f64)> = store
+        .ledger()
+        .await?
+        .into_iter()
+        .map(|e| {
+            let mech = if e.mechanism == "discrete_laplace" {
+                Mechanism::DiscreteLaplace
+            } else {
+                Mechanism::DiscreteGaussian
+            };
+            (e.bucket.millis(), (mech, e.scale))
+        })
+        .collect();
+    let by_cell: HashMap<u64, Vec<_>> = released.iter().fold(HashMap::new(), |mut m, r| {
+        m.entry(r.cell).or_insert_with(Vec::new).push(*r);
+        m
+    });
+    let threshold = i64::from(config.privacy.threshold);
+    let default_noise = (
+        mechanism_of(config.privacy.mechanism),
+        settings.consequences.privacy.noise_scale,
+    );
+    let mut out = Vec::new();
+    for (cell, members) in groups {
+        // (period start) -> (sum of noisy values, noise terms)
+        let mut periods: BTreeMap<i64, (i64, Vec<(Mechanism, f64)>)> = BTreeMap::new();
+        for m in &members {
+            for r in by_cell.get(m).into_iter().flatten() {
+                let period = match granularity {
+                    Granularity::Hour => r.bucket.millis(),
+                    Granularity::Day => r.bucket.millis().div_euclid(86_400_000) * 86_400_000,
+                };
+                let e = periods.entry(period).or_default();
+                e.0 += r.noisy;
+                e.1.push(
+                    ledger
+                        .get(&r.bucket.millis())
+                        .copied()
+                        .unwrap_or(default_noise),
+                );
+            }
+        }
+        for (period, (sum, terms)) in periods {
+            let half = half_width(&terms);
+            let suppressed = sum < threshold;
+            // A suppressed point shows no value, and its interval says only "below the
+            // threshold, give or take the noise".
+            let (low, high) = if suppressed {
+                (0.0, threshold as f64 + half)
+            } else {
+                ((sum as f64 - half).max(0.0), sum as f64 + half)
+            };
+            out.push(Point {
+                cell,
+                bucket_start: Timestamp(period),
+                count: if suppressed { 0 } else { sum },
+                suppressed,
+                ci95_low: low,
+                ci95_high: high,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// 95% half-width of a sum of independent noise terms: exact for one term, the normal
+/// approximation over the summed variances for more.
+fn half_width(terms: &[(Mechanism, f64)]) -> f64 {
+    match terms {
+        [] => 0.0,
+        [(Mechanism::DiscreteGaussian, s)] => accounting::ci95_half_width_gaussian(*s),
+        [(Mechanism::DiscreteLaplace, s)] => accounting::ci95_half_width_laplace(*s),
+        _ => {
+            let var: f64 = terms
+                .iter()
+                .map(|(m, s)| {
+                    let sd = match m {
+                        Mechanism::DiscreteGaussian => accounting::discrete_gaussian_std(*s),
+                        Mechanism::DiscreteLaplace => accounting::discrete_laplace_std(*s),
+                    };
+                    sd * sd
+                })
+                .sum();
+            (1.96 * var.sqrt()).ceil()
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Releases: at `bucket_end + insights.grace` a bucket's counts over the whole domain get
+//! opendp noise, counts under the threshold are marked suppressed, and the noisy table, the
+//! ledger entry and the deletion of the raw contributions commit in one transaction. The
+//! ledger's primary key makes a bucket release at most once, whatever crashes, retries or
+//! second nodes do; a crash before the commit leaves the bucket unreleased, to be released
+//! (with fresh noise — the lost draw was never seen) on the next run.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::clock::{SharedClock, Timestamp, duration_millis};
+use crate::config::{Config, MechanismKind};
+use crate::devices::DeviceState;
+use crate::model::{LedgerEntry, Purpose, ReleasedCount};
+use crate::pseudonym::DeviceId;
+use crate::settings::LiveSettings;
+use crate::store::{Store, StoreError, WriteOp};
+
+use super::accounting::Mechanism;
+use super::contrib::{self, Admission};
+use super::domain;
+use super::mechanism::{self, NoiseError};
+
+/// Buckets released per run at most (a long outage catches up over several runs).
+const MAX_BUCKETS_PER_RUN: usize = 1000;
+
+/// Where noise comes from. Production always uses opendp; unit tests of contribution
+/// bounding may disable it to see exact counts (the variant does not exist outside tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Noise {
+    OpenDp,
+    #[cfg(test)]
+    Disabled,
+}
+
+/// Why a release or query failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InsightsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("noise: {0}")]
+    Noise(String),
+}
+
+impl From<NoiseError> for InsightsError {
+    fn from(e: NoiseError) -> Self {
+        InsightsError::Noise(e.to_string())
+    }
+}
+
+/// The foot-traffic service: ingest bounds, the release job and its watermark.
+#[derive(Debug, Clone)]
+pub struct Insights {
+    store: Store,
+    clock: SharedClock,
+    settings: LiveSettings,
+    /// Start of the newest released bucket (ms); contributions at or before it are late.
+    released_through: Arc<AtomicI64>,
+    /// The current domain, for ingest (releases recompute theirs for the bucket's start).
+    domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
+    noise: Noise,
+}
+
+/// What a release run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReleaseRun {
+    pub released: usize,
+    pub already: usize,
+}
+
+pub(crate) fn mechanism_of(kind: MechanismKind) -> Mechanism {
+    match kind {
+        MechanismKind::Gaussian => Mechanism::DiscreteGaussian,
+        MechanismKind::Laplace => Mechanism::DiscreteLaplace,
+    }
+}
+
+impl Insights {
+    pub fn new(store: Store, clock: SharedClock, settings: LiveSettings) -> Self {
+        Insights {
+            store,
+            clock,
+            settings,
+            released_through: Arc::new(AtomicI64::new(i64::MIN)),
+            domain: Arc::default(),
+            noise: Noise::OpenDp,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn without_noise(mut self) -> Self {
+        self.noise = Noise::Disabled;
+        self
+    }
+
+    /// Loads the watermark from the ledger and the domain from the merchants.
+    pub async fn load(&self) -> Result<(), StoreError> {
+        if let Some(last) = self.store.ledger().await?.last() {
+            self.released_through
+                .fetch_max(last.bucket.millis(), Ordering::SeqCst);
+        }
+        self.refresh_domain().await
+    }
+
+    /// Recomputes the ingest domain from the registered merchants.
+    pub async fn refresh_domain(&self) -> Result<(), StoreError> {
+        let merchants = self.store.merchants().await?;
+        let settings = self.settings.current();
+        let d = domain::domain(&merchants, &settings.config, self.clock.now());
+        *self.domain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(d);
+        Ok(())
+    }
+
+    /// The contribution a report makes, if any (called under the device's lock; no I/O).
+    pub fn contribute(
+        &self,
+        state: &mut DeviceState,
+        device: DeviceId,
+        cell: u64,
+        observed_at: Timestamp,
+        now: Timestamp,
+        config: &Config,
+    ) -> Option<WriteOp> {
+        if !state.purposes.contains(Purpose::FootTraffic) {
+            return None;
+        }
+        let ins = &config.insights;
+        let count = |outcome: &'static str| {
+            metrics::counter!("hexveil_contributions_total", "outcome" => outcome).increment(1)
+        };
+        let Some(icell) = domain::at_resolution(cell, ins.resolution) else {
+            count("too_coarse");
+            return None;
+        };
+        if crate::cells::excluded(icell, &config.exclusions.cells) {
+            count("excluded");
+            return None;
+        }
+        if !self
+            .domain
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&icell)
+        {
+            count("outside_domain");
+            return None;
+        }
+        let len = duration_millis(ins.bucket.get());
+        let bucket = contrib::bucket_of(observed_at, len);
+        let due = bucket.millis() + len + duration_millis(ins.grace.get());
+        let watermark = self.released_through.load(Ordering::SeqCst);
+        if bucket.millis() <= watermark || now.millis() >= due {
+            count("late");
+            return None;
+        }
+        let held = state.contrib.get_or_insert_with(Default::default);
+        held.retain(|(b, _)| b.millis() > watermark);
+        match contrib::admit(
+            held,
+            bucket,
+            icell,
+            config.privacy.max_cells_per_bucket,
+            config.privacy.max_contributions_per_day,
+        ) {
+            Admission::New => {
+                count("recorded");
+                Some(WriteOp::Contribute {
+                    device,
+                    cell: icell,
+                    bucket,
+                })
+            }
+            Admission::Duplicate => None,
+            Admission::CellBound => {
+                count("bounded_cells");
+                None
+            }
+            Admission::DayBound => {
+                count("bounded_day");
+                None
+            }
+        }
+    }
+
+    /// Releases every due bucket; returns how many were released (and found done already).
+    pub async fn release_due(&self) -> Result<ReleaseRun, InsightsError> {
+        let settings = self.settings.current();
+        let ins = &settings.config.insights;
+        let len = duration_millis(ins.bucket.get());
+        let now = self.clock.now().millis();
+        let latest_due = (now - duration_millis(ins.grace.get()) - len).div_euclid(len) * len;
+        let mut buckets: BTreeSet<i64> = self
+            .store
+            .unreleased_buckets()
+            .await?
+            .into_iter()
+            .map(Timestamp::millis)
+            .filter(|b| *b <= latest_due)
+            .collect();
+        // Once releasing has begun, every bucket is released, empty ones included, so the
+        // absence of a release never says "nobody was there".
+        let watermark = self.released_through.load(Ordering::SeqCst);
+        if watermark != i64::MIN {
+            let mut b = (watermark.div_euclid(len) + 1) * len;
+            while b <= latest_due && buckets.len() < MAX_BUCKETS_PER_RUN {
+                buckets.insert(b);
+                b += len;
+            }
+        }
+        let mut run = ReleaseRun::default();
+        for b in buckets.into_iter().take(MAX_BUCKETS_PER_RUN) {
+            if self.release(Timestamp(b)).await? {
+                run.released += 1;
+            } else {
+                run.already += 1;
+            }
+        }
+        Ok(run)
+    }
+
+    /// Releases one bucket; `Ok(false)` if it had been released already.
+    pub async fn release(&self, bucket: Timestamp) -> Result<bool, InsightsError> {
+        let settings = self.settings.current();
+        let config = &settings.config;
+        // From now on no new contribution to this bucket is accepted.
+        self.released_through
+            .fetch_max(bucket.millis(), Ordering::SeqCst);
+        let merchants = self.store.merchants().await?;
+        let cells: Vec<u64> = domain::domain(&merchants, config, bucket)
+            .into_iter()
+            .collect();
+        let counts: HashMap<u64, u64> = self
+            .store
+            .bucket_counts(bucket)
+            .await?
+            .into_iter()
+            .collect();
+        let truth: Vec<i64> = cells
+            .iter()
+            .map(|c| counts.get(c).copied().unwrap_or(0) as i64)
+            .collect();
+        let dp = &settings.consequences.privacy;
+        let mech = mechanism_of(config.privacy.mechanism);
+        let scale = dp.noise_scale;
+        tracing::info!(
+            bucket = bucket.millis(),
+            cells = cells.len(),
+            "releasing bucket"
+        );
+        let started = std::time::Instant::now();
+        let noisy = match self.noise {
+            // Sampling costs microseconds per value: keep it off the async workers.
+            Noise::OpenDp => {
+                tokio::task::spawn_blocking(move || mechanism::add_noise(mech, scale, &truth))
+                    .await
+                    .map_err(|e| InsightsError::Noise(e.to_string()))??
+            }
+            #[cfg(test)]
+            Noise::Disabled => truth,
+        };
+        let threshold = i64::from(config.privacy.threshold);
+        let released: Vec<ReleasedCount> = cells
+            .iter()
+            .zip(noisy)
+            .map(|(cell, n)| ReleasedCount {
+                bucket,
+                cell: *cell,
+                noisy: n,
+                suppressed: n < threshold,
+            })
+            .collect();
+        let k = f64::from(config.privacy.max_cells_per_bucket);
+        let (rho, epsilon) = match config.privacy.mechanism {
+            MechanismKind::Gaussian => (k / (2.0 * scale * scale), 0.0),
+            MechanismKind::Laplace => (0.0, k / scale),
+        };
+        let entry = LedgerEntry {
+            bucket,
+            bucket_len_ms: duration_millis(config.insights.bucket.get()),
+            released_at: self.clock.now(),
+            mechanism: dp.mechanism.to_string(),
+            scale,
+            rho,
+            epsilon,
+            l1_sensitivity: k,
+            l2_sensitivity: k.sqrt(),
+            threshold: config.privacy.threshold,
+            cells: cells.len() as u64,
+        };
+        let done = self
+            .store
+            .write_count(WriteOp::Release {
+                entry,
+                counts: released,
+            })
+            .await?;
+        metrics::histogram!("hexveil_release_seconds").record(started.elapsed().as_secs_f64());
+        if done == 1 {
+            metrics::counter!("hexveil_releases_total").increment(1);
+            tracing::info!(
+                bucket = bucket.millis(),
+                cells = cells.len(),
+                "released bucket"
+            );
+        } else {
+            metrics::counter!("hexveil_release_already_done_total").increment(1);
+        }
+        Ok(done == 1)
+    }
+}
