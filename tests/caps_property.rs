@@ -93,8 +93,10 @@ fn cells() -> Vec<h3o::CellIndex> {
 /// One run: returns a description of the first violation found, if any.
 async fn run(actions: Vec<Action>) -> Result<usize, String> {
     let (clock, shared) = manual_clock(1_767_614_400_000);
-    let mut config = Config::default();
-    config.caps = caps(3, 10, 120, 1, true);
+    let mut config = Config {
+        caps: caps(3, 10, 120, 1, true),
+        ..Config::default()
+    };
     config.rate_limits.device_reports_per_hour = 3_600_000;
     config.rate_limits.device_burst = 1000;
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,241 @@
+//! Foot traffic end to end over gRPC with the manual clock: devices report, the bucket is
+//! released, the merchant reads noisy counts with intervals, its area only.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
+use hexveil::api::pb::presence_service_client::PresenceServiceClient;
+use hexveil::api::pb::{self, Purpose};
+use hexveil::clock::{Clock, Timestamp};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+/// 2026-01-05T10:00:00Z.
+const T0: i64 = 1_767_607_200_000;
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms / 1000,
+        nanos: 0,
+    }
+}
+
+fn merchant(
+    ch: Channel,
+    key: &str,
+) -> MerchantServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
+> {
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    MerchantServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    })
+}
+
+#[tokio::test]
+async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
+    let (clock, shared) = manual_clock(T0);
+    let server = TestServer::start("", shared).await;
+    let ch = server.channel().await;
+    let here = h3o::LatLng::new(59.33, 18.07)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let elsewhere = h3o::LatLng::new(57.70, 11.97)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let store = &server.app.store;
+    let (_, key_a) = hexveil::merchants::add(store, "A", vec![here.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    hexveil::merchants::add(store, "B", vec![elsewhere.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    server.app.insights.refresh_domain().await.unwrap();
+
+    let consent = |token: String, purposes: Vec<Purpose>| {
+        let ch = ch.clone();
+        async move {
+            consent_client(ch)
+                .set_consent(pb::SetConsentRequest {
+                    device_token: token,
+                    purposes: purposes.into_iter().map(|p| p as i32).collect(),
+                    policy_version: "1".into(),
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let report = |token: String, cell: u64| {
+        let ch = ch.clone();
+        let now = clock.now().millis();
+        async move {
+            PresenceServiceClient::new(ch)
+                .report_presence(pb::ReportPresenceRequest {
+                    device_token: token,
+                    cell,
+                    observed_at: Some(ts(now)),
+                    utc_offset_minutes: 0,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    for n in 0..26 {
+        let t = format!("ft-device-{n:08}");
+        consent(t.clone(), vec![Purpose::FootTraffic]).await;
+        report(t, here.into()).await;
+    }
+    // Nearby-offers consent only: never counted.
+    consent("ft-no-consent-0001".into(), vec![Purpose::NearbyOffers]).await;
+    report("ft-no-consent-0001".into(), here.into()).await;
+    // Erasure removes unreleased contributions.
+    transparency_client(ch.clone())
+        .forget_me(pb::ForgetMeRequest {
+            device_token: "ft-device-00000025".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.bucket_counts(Timestamp(T0)).await.unwrap(),
+        vec![(u64::from(here), 25)]
+    );
+    let mine = transparency_client(ch.clone())
+        .get_my_data(pb::GetMyDataRequest {
+            device_token: "ft-device-00000001".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pending = mine.pending_contributions.unwrap();
+    assert_eq!(pending.count, 1);
+    assert_eq!(
+        pending.retention_deadline.unwrap().seconds,
+        (T0 + 3_600_000 + 600_000) / 1000
+    );
+
+    clock.advance(Duration::from_secs(3600 + 600));
+    assert_eq!(server.app.insights.release_due().await.unwrap().released, 1);
+    let mine = transparency_client(ch.clone())
+        .get_my_data(pb::GetMyDataRequest {
+            device_token: "ft-device-00000001".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        mine.pending_contributions.is_none(),
+        "released contributions are deleted"
+    );
+
+    let hour = merchant(ch.clone(), &key_a)
+        .get_foot_traffic(pb::GetFootTrafficRequest {
+            cells: vec![here.into()],
+            start: Some(ts(T0)),
+            end: Some(ts(T0 + 86_400_000)),
+            granularity: pb::Granularity::Hour as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hour.points.len(), 1);
+    let p = &hour.points[0];
+    assert_eq!(
+        (p.cell, p.bucket_start.unwrap().seconds),
+        (u64::from(here), T0 / 1000)
+    );
+    assert!(p.ci95_low <= p.ci95_high);
+    let params = hour.params.unwrap();
+    assert_eq!(params.mechanism, "discrete_gaussian");
+    assert!(params.epsilon_per_device_per_day > 0.0 && !params.explanation.is_empty());
+    if !p.suppressed {
+        assert!((p.ci95_high - p.ci95_low) >= params.ci95_half_width);
+    }
+    // A coarser area and a day total are sums of released values, with wider intervals.
+    let parent = here.parent(h3o::Resolution::Seven).unwrap();
+    let day = merchant(ch.clone(), &key_a)
+        .get_foot_traffic(pb::GetFootTrafficRequest {
+            cells: vec![parent.into()],
+            start: Some(ts(T0)),
+            end: Some(ts(T0 + 86_400_000)),
+            granularity: pb::Granularity::Day as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(day.points.len(), 1);
+    let d = &day.points[0];
+    assert_eq!(d.bucket_start.unwrap().seconds, T0 / 1000 - 10 * 3600);
+    assert!(d.ci95_high - d.ci95_low > p.ci95_high - p.ci95_low || d.suppressed);
+
+    // Outside the merchant's area: PERMISSION_DENIED.
+    let err = merchant(ch.clone(), &key_a)
+        .get_foot_traffic(pb::GetFootTrafficRequest {
+            cells: vec![elsewhere.into()],
+            start: Some(ts(T0)),
+            end: Some(ts(T0 + 86_400_000)),
+            granularity: pb::Granularity::Hour as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Bad parameters name the field.
+    for (req, field) in [
+        (
+            pb::GetFootTrafficRequest {
+                cells: vec![here.into()],
+                start: None,
+                end: Some(ts(T0)),
+                granularity: 1,
+            },
+            "start",
+        ),
+        (
+            pb::GetFootTrafficRequest {
+                cells: vec![],
+                start: Some(ts(T0)),
+                end: Some(ts(T0 + 1000)),
+                granularity: 1,
+            },
+            "cells",
+        ),
+        (
+            pb::GetFootTrafficRequest {
+                cells: vec![here.center_child(h3o::Resolution::Nine).unwrap().into()],
+                start: Some(ts(T0)),
+                end: Some(ts(T0 + 1000)),
+                granularity: 1,
+            },
+            "cells[0]",
+        ),
+        (
+            pb::GetFootTrafficRequest {
+                cells: vec![here.into()],
+                start: Some(ts(T0)),
+                end: Some(ts(T0)),
+                granularity: 1,
+            },
+            "end",
+        ),
+    ] {
+        let err = merchant(ch.clone(), &key_a)
+            .get_foot_traffic(req)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            err.get_error_details()
+                .bad_request()
+                .unwrap()
+                .field_violations[0]
+                .field,
+            field
+        );
+    }
+    server.stop().await;
+}
