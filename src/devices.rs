@@ -18,49 +18,115 @@ use crate::pseudonym::DeviceId;
 const SHARDS: usize = 64;
 /// Notifications kept in memory per device beyond the 7-day window (for fatigue).
 pub const LOG_TAIL: usize = 16;
+/// Compact times count from 2020-01-01T00:00:00Z.
+const EPOCH_MS: i64 = 1_577_836_800_000;
 
-/// A device's hot state (about 80 bytes, plus a boxed log once it has been notified).
+/// A device's hot state: 48 bytes (64 with its key), so a million active devices fit in
+/// well under 150 MB whatever the hash table's fill. Times are kept compactly (seconds, or
+/// tenths for the rate limiter) and always rounded in the direction that sends less: dwell
+/// starts are rounded up, last sightings down, rate-limit times up.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceState {
     pub purposes: Purposes,
-    pub last_activity: Timestamp,
-    /// GCRA theoretical arrival time, ms.
-    pub gcra_tat: i64,
-    pub dwell: Option<Dwell>,
-    pub log: Option<Box<DeviceLog>>,
-    /// Unreleased foot-traffic contributions (bucket, cell), for contribution bounding.
-    /// Boxed so a device without any costs 8 bytes, not 24: RAM per device is a target.
-    #[allow(clippy::box_collection)]
-    pub contrib: Option<Box<Vec<(Timestamp, u64)>>>,
+    /// Seconds since 2020, rounded down.
+    last_activity_s: u32,
+    /// GCRA theoretical arrival time, tenths of a second since 2020, rounded up.
+    gcra_ds: u32,
+    dwell: CompactDwell,
+    /// Everything only some devices have: notifications, standings, contributions.
+    pub extra: Option<Box<Extra>>,
 }
 
-/// Notifications (oldest first) and standings, only for devices that were ever notified.
+#[derive(Debug, Clone, Copy, Default)]
+struct CompactDwell {
+    /// 0: no dwell yet (0 is not a valid H3 index).
+    anchor: u64,
+    cell: u64,
+    since_s: u32,
+    last_seen_s: u32,
+}
+
+/// The parts of a device's state that only notified or counted devices have.
 #[derive(Debug, Clone, Default)]
-pub struct DeviceLog {
-    pub sent: Vec<SentEntry>,
+pub struct Extra {
+    /// Notifications as the caps see them, oldest first.
+    pub sent: Vec<Sent>,
+    /// Per notification (same order): its id and the cell it was sent in.
+    pub meta: Vec<(uuid::Uuid, u64)>,
     pub standings: Vec<(MerchantId, Standing)>,
+    /// Unreleased foot-traffic contributions (bucket, cell), for contribution bounding.
+    pub contrib: Vec<(Timestamp, u64)>,
 }
 
-/// One notification in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SentEntry {
-    pub notification_id: uuid::Uuid,
-    pub cell: u64,
-    pub sent: Sent,
+fn to_secs(t: Timestamp, round_up: bool) -> u32 {
+    let ms = (t.millis() - EPOCH_MS).max(0);
+    let s = if round_up {
+        (ms + 999) / 1000
+    } else {
+        ms / 1000
+    };
+    u32::try_from(s).unwrap_or(u32::MAX)
+}
+
+fn from_secs(s: u32) -> Timestamp {
+    Timestamp(EPOCH_MS + i64::from(s) * 1000)
 }
 
 impl DeviceState {
+    /// When the device was last active.
+    pub fn last_activity(&self) -> Timestamp {
+        from_secs(self.last_activity_s)
+    }
+
+    pub fn set_last_activity(&mut self, t: Timestamp) {
+        self.last_activity_s = to_secs(t, false);
+    }
+
+    /// The device's dwell, if it has reported.
+    pub fn dwell(&self) -> Option<Dwell> {
+        let d = self.dwell;
+        (d.anchor != 0).then(|| Dwell {
+            anchor: d.anchor,
+            cell: d.cell,
+            since: from_secs(d.since_s),
+            last_seen: from_secs(d.last_seen_s),
+        })
+    }
+
+    pub fn set_dwell(&mut self, d: Dwell) {
+        self.dwell = CompactDwell {
+            anchor: d.anchor,
+            cell: d.cell,
+            since_s: to_secs(d.since, true),
+            last_seen_s: to_secs(d.last_seen, false),
+        };
+    }
+
+    /// The per-device GCRA rate limit; a refusal changes nothing.
+    pub fn rate_limit(
+        &mut self,
+        now: Timestamp,
+        per_hour: u32,
+        burst: u32,
+    ) -> Result<(), std::time::Duration> {
+        let mut tat = EPOCH_MS + i64::from(self.gcra_ds) * 100;
+        crate::caps::gcra(&mut tat, now, per_hour, burst)?;
+        let ds = (tat - EPOCH_MS + 99).max(0) / 100;
+        self.gcra_ds = u32::try_from(ds).unwrap_or(u32::MAX);
+        Ok(())
+    }
+
     /// The notification log as the caps see it, oldest first.
-    pub fn sent(&self) -> Vec<Sent> {
-        self.log
+    pub fn sent(&self) -> &[Sent] {
+        self.extra
             .as_ref()
-            .map(|l| l.sent.iter().map(|e| e.sent).collect())
-            .unwrap_or_default()
+            .map(|e| e.sent.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The device's standing towards `merchant`.
     pub fn standing(&self, merchant: MerchantId) -> Standing {
-        self.log
+        self.extra
             .as_ref()
             .and_then(|l| l.standings.iter().find(|(m, _)| *m == merchant))
             .map(|(_, s)| *s)
@@ -69,25 +135,38 @@ impl DeviceState {
 
     /// Sets the standing towards `merchant`.
     pub fn set_standing(&mut self, merchant: MerchantId, standing: Standing) {
-        let log = self.log.get_or_insert_with(Default::default);
-        match log.standings.iter_mut().find(|(m, _)| *m == merchant) {
+        let extra = self.extra.get_or_insert_with(Default::default);
+        match extra.standings.iter_mut().find(|(m, _)| *m == merchant) {
             Some((_, s)) => *s = standing,
-            None => log.standings.push((merchant, standing)),
+            None => extra.standings.push((merchant, standing)),
         }
     }
 
     /// Appends a notification, dropping entries that no cap can see any more.
-    pub fn push_sent(&mut self, entry: SentEntry, now: Timestamp) {
-        let log = self.log.get_or_insert_with(Default::default);
-        log.sent.push(entry);
+    pub fn push_sent(
+        &mut self,
+        notification_id: uuid::Uuid,
+        cell: u64,
+        sent: Sent,
+        now: Timestamp,
+    ) {
+        let extra = self.extra.get_or_insert_with(Default::default);
+        extra.sent.push(sent);
+        extra.meta.push((notification_id, cell));
         let week_ago = now.minus(crate::caps::WEEK);
-        let old = log
+        let old = extra
             .sent
             .iter()
-            .take_while(|e| e.sent.sent_at <= week_ago)
+            .take_while(|e| e.sent_at <= week_ago)
             .count();
-        let removable = old.min(log.sent.len().saturating_sub(LOG_TAIL));
-        log.sent.drain(..removable);
+        let removable = old.min(extra.sent.len().saturating_sub(LOG_TAIL));
+        extra.sent.drain(..removable);
+        extra.meta.drain(..removable);
+    }
+
+    /// Mutable access to the contributions held for bounding.
+    pub fn contributions(&mut self) -> &mut Vec<(Timestamp, u64)> {
+        &mut self.extra.get_or_insert_with(Default::default).contrib
     }
 }
 
@@ -142,7 +221,7 @@ impl Devices {
         }
         let state = shard.entry(id).or_default();
         state.purposes = purposes;
-        state.last_activity = now;
+        state.set_last_activity(now);
     }
 
     /// Forgets a device entirely.
@@ -156,7 +235,7 @@ impl Devices {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let before = shard.len();
-            shard.retain(|_, s| s.last_activity >= cutoff);
+            shard.retain(|_, s| s.last_activity() >= cutoff);
             n += before - shard.len();
         }
         n
@@ -179,10 +258,7 @@ impl Devices {
     pub fn load_contributions(&self, rows: Vec<(DeviceId, u64, Timestamp)>) {
         for (device, cell, bucket) in rows {
             if let Some(state) = self.lock(&device).get_mut(&device) {
-                state
-                    .contrib
-                    .get_or_insert_with(Default::default)
-                    .push((bucket, cell));
+                state.contributions().push((bucket, cell));
             }
         }
     }
@@ -198,31 +274,26 @@ impl Devices {
             if row.purposes.is_empty() {
                 continue;
             }
-            self.lock(&row.device).insert(
-                row.device,
-                DeviceState {
-                    purposes: row.purposes,
-                    last_activity: row.last_activity,
-                    gcra_tat: 0,
-                    dwell: row.dwell,
-                    log: None,
-                    contrib: None,
-                },
-            );
+            let mut state = DeviceState {
+                purposes: row.purposes,
+                ..DeviceState::default()
+            };
+            state.set_last_activity(row.last_activity);
+            if let Some(d) = row.dwell {
+                state.set_dwell(d);
+            }
+            self.lock(&row.device).insert(row.device, state);
         }
         for n in notifications {
             if let Some(state) = self.lock(&n.device).get_mut(&n.device) {
-                let log = state.log.get_or_insert_with(Default::default);
-                log.sent.push(SentEntry {
-                    notification_id: n.notification_id,
-                    cell: n.cell,
-                    sent: Sent {
-                        offer_id: n.offer_id,
-                        merchant_id: n.merchant_id,
-                        sent_at: n.sent_at,
-                        feedback: n.feedback,
-                    },
+                let extra = state.extra.get_or_insert_with(Default::default);
+                extra.sent.push(Sent {
+                    offer_id: n.offer_id,
+                    merchant_id: n.merchant_id,
+                    sent_at: n.sent_at,
+                    feedback: n.feedback,
                 });
+                extra.meta.push((n.notification_id, n.cell));
             }
         }
         for r in restrictions {

@@ -135,8 +135,68 @@ impl OfferIndex {
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
-    /// Offers near `cell` that are valid and open at `now`, ranked by grid distance, then
-    /// most recently updated first. `max_k` bounds the search (`offers.max_radius_k`).
+    /// Visits the offers near `cell` that are valid and open at `now` and outside every
+    /// exclusion area, ranked by grid distance, then most recently updated first, until
+    /// `visit` breaks. Rings are walked nearest first, so a decision that finds its offer in
+    /// the device's own cell never looks further. `max_k` is `offers.max_radius_k`.
+    pub fn visit(
+        &self,
+        cell: CellIndex,
+        max_k: u32,
+        now: Timestamp,
+        utc_offset_minutes: i32,
+        exclusions: &[crate::config::CellSpec],
+        mut visit: impl FnMut(&Arc<OfferEntry>, u32) -> std::ops::ControlFlow<()>,
+    ) {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        if inner.by_cell.is_empty() {
+            return;
+        }
+        let mut ring: Vec<CellIndex> = Vec::new();
+        let mut found: Vec<&Arc<OfferEntry>> = Vec::new();
+        for k in 0..=max_k {
+            ring.clear();
+            let fast: Option<Vec<CellIndex>> = cell.grid_ring_fast(k).collect();
+            match fast {
+                Some(cells) => ring.extend(cells),
+                // Near a pentagon the fast ring is undefined; fall back to the disk.
+                None => ring.extend(
+                    cell.grid_disk_distances::<Vec<_>>(k)
+                        .into_iter()
+                        .filter(|(_, d)| *d == k)
+                        .map(|(c, _)| c),
+                ),
+            }
+            found.clear();
+            for c in &ring {
+                let Some(list) = inner.by_cell.get(&u64::from(*c)) else {
+                    continue;
+                };
+                for entry in list {
+                    let o = &entry.offer;
+                    if k <= o.radius_k.min(max_k)
+                        && o.active_at(now, utc_offset_minutes)
+                        && (exclusions.is_empty() || !crate::cells::excluded(o.cell, exclusions))
+                    {
+                        found.push(entry);
+                    }
+                }
+            }
+            found.sort_by(|a, b| {
+                b.offer
+                    .updated_at
+                    .cmp(&a.offer.updated_at)
+                    .then(a.offer.offer_id.cmp(&b.offer.offer_id))
+            });
+            for entry in &found {
+                if visit(entry, k).is_break() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Every candidate near `cell`, ranked as [`OfferIndex::visit`] ranks them.
     pub fn candidates(
         &self,
         cell: CellIndex,
@@ -144,31 +204,21 @@ impl OfferIndex {
         now: Timestamp,
         utc_offset_minutes: i32,
     ) -> Vec<Candidate> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        if inner.by_cell.is_empty() {
-            return Vec::new();
-        }
         let mut out = Vec::new();
-        for (c, distance) in cell.grid_disk_distances::<Vec<_>>(max_k) {
-            let Some(list) = inner.by_cell.get(&u64::from(c)) else {
-                continue;
-            };
-            for entry in list {
-                let o = &entry.offer;
-                if distance <= o.radius_k.min(max_k) && o.active_at(now, utc_offset_minutes) {
-                    out.push(Candidate {
-                        entry: entry.clone(),
-                        distance,
-                    });
-                }
-            }
-        }
-        out.sort_by(|a, b| {
-            a.distance
-                .cmp(&b.distance)
-                .then(b.entry.offer.updated_at.cmp(&a.entry.offer.updated_at))
-                .then(a.entry.offer.offer_id.cmp(&b.entry.offer.offer_id))
-        });
+        self.visit(
+            cell,
+            max_k,
+            now,
+            utc_offset_minutes,
+            &[],
+            |entry, distance| {
+                out.push(Candidate {
+                    entry: entry.clone(),
+                    distance,
+                });
+                std::ops::ControlFlow::Continue(())
+            },
+        );
         out
     }
 }

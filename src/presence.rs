@@ -9,6 +9,7 @@
 //! as if it had been sent, which can only mean fewer notifications, never more).
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use h3o::CellIndex;
 
 use crate::caps::{self, Reason, Sent, Standing};
 use crate::clock::{SharedClock, Timestamp};
-use crate::devices::{Devices, SentEntry};
+use crate::devices::Devices;
 use crate::model::{Feedback, Notification, Offer, OfferId, Purpose, Restriction};
 use crate::offers::OfferIndex;
 use crate::privacy::Insights;
@@ -124,22 +125,22 @@ impl Presence {
         let Some(state) = shard.get_mut(&r.device) else {
             return Ok((no_offer(Reason::NoConsent, cell), None));
         };
-        caps::gcra(
-            &mut state.gcra_tat,
-            now,
-            config.rate_limits.device_reports_per_hour,
-            config.rate_limits.device_burst,
-        )
-        .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
+        state
+            .rate_limit(
+                now,
+                config.rate_limits.device_reports_per_hour,
+                config.rate_limits.device_burst,
+            )
+            .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
 
         let dwell = caps::update_dwell(
-            state.dwell,
+            state.dwell(),
             cell,
             r.observed_at,
             config.offers.max_report_age.get(),
         );
-        state.dwell = Some(dwell);
-        state.last_activity = now;
+        state.set_dwell(dwell);
+        state.set_last_activity(now);
         let mut ops = vec![WriteOp::Presence {
             device: r.device,
             dwell,
@@ -170,15 +171,13 @@ impl Presence {
                         feedback: None,
                     };
                     state.push_sent(
-                        SentEntry {
-                            notification_id: notification.notification_id,
-                            cell,
-                            sent: Sent {
-                                offer_id: offer.offer_id,
-                                merchant_id: offer.merchant_id,
-                                sent_at: now,
-                                feedback: None,
-                            },
+                        notification.notification_id,
+                        cell,
+                        Sent {
+                            offer_id: offer.offer_id,
+                            merchant_id: offer.merchant_id,
+                            sent_at: now,
+                            feedback: None,
                         },
                         now,
                     );
@@ -222,6 +221,10 @@ impl Presence {
     }
 
     /// Every rule after dwell, in order; the offers to send or the first reason not to.
+    ///
+    /// The device-level caps are checked before offers are looked up, because they do not
+    /// depend on them and usually decide; a failing cap is reported only if some offer is
+    /// nearby at all (else NO_OFFERS_NEARBY, as the pipeline order says).
     fn choose(
         &self,
         state: &crate::devices::DeviceState,
@@ -233,29 +236,33 @@ impl Presence {
         if !state.purposes.contains(Purpose::NearbyOffers) {
             return Err(Reason::NoConsent);
         }
-        if crate::cells::excluded(u64::from(r.cell), &config.exclusions.cells) {
+        let exclusions = &config.exclusions.cells;
+        if crate::cells::excluded(u64::from(r.cell), exclusions) {
             return Err(Reason::NoOffersNearby);
         }
         let age = now.millis() - r.observed_at.millis();
         if age > crate::clock::duration_millis(config.offers.max_report_age.get()) {
             return Err(Reason::StaleReport);
         }
-        let candidates: Vec<_> = self
-            .index
-            .candidates(
-                r.cell,
-                config.offers.max_radius_k,
-                now,
-                r.utc_offset_minutes,
-            )
-            .into_iter()
-            .filter(|c| !crate::cells::excluded(c.entry.offer.cell, &config.exclusions.cells))
-            .collect();
-        if candidates.is_empty() {
-            return Err(Reason::NoOffersNearby);
-        }
+        let max_k = config.offers.max_radius_k;
+        let offset = r.utc_offset_minutes;
         let log = state.sent();
-        let allowance = caps::device_caps(&config.caps, &log, dwell, r.utc_offset_minutes, now)?;
+        let allowance = match caps::device_caps(&config.caps, log, dwell, offset, now) {
+            Ok(a) => a,
+            Err(reason) => {
+                let mut nearby = false;
+                self.index
+                    .visit(r.cell, max_k, now, offset, exclusions, |_, _| {
+                        nearby = true;
+                        ControlFlow::Break(())
+                    });
+                return Err(if nearby {
+                    reason
+                } else {
+                    Reason::NoOffersNearby
+                });
+            }
+        };
         let room = config
             .offers
             .max_offers_per_reply
@@ -263,57 +270,62 @@ impl Presence {
             .min(allowance.remaining_week) as usize;
         let mut first_reason = None;
         let mut chosen: Vec<(crate::offers::Candidate, Explanation)> = Vec::new();
-        for candidate in candidates {
-            if chosen.len() >= room {
-                break;
-            }
-            let offer = &candidate.entry.offer;
-            if chosen
-                .iter()
-                .any(|(c, _)| c.entry.offer.merchant_id == offer.merchant_id)
-            {
-                continue;
-            }
-            let verdict = caps::merchant_caps(
-                &config.caps,
-                state.standing(offer.merchant_id),
-                &log,
-                offer.merchant_id,
-                now,
-            )
-            .and_then(|()| {
-                let sent = candidate
-                    .entry
-                    .sent
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                caps::offer_cap(offer.max_notifications_per_day, &sent, now)
-            })
-            .and_then(|()| {
-                self.flood_check(
-                    u64::from(r.cell),
+        self.index
+            .visit(r.cell, max_k, now, offset, exclusions, |entry, distance| {
+                let offer = &entry.offer;
+                if chosen
+                    .iter()
+                    .any(|(c, _)| c.entry.offer.merchant_id == offer.merchant_id)
+                {
+                    return ControlFlow::Continue(());
+                }
+                let verdict = caps::merchant_caps(
+                    &config.caps,
+                    state.standing(offer.merchant_id),
+                    log,
+                    offer.merchant_id,
                     now,
-                    config.caps.per_cell_per_minute,
-                    chosen.len() as u32,
                 )
+                .and_then(|()| {
+                    let sent = entry.sent.lock().unwrap_or_else(|p| p.into_inner());
+                    caps::offer_cap(offer.max_notifications_per_day, &sent, now)
+                })
+                .and_then(|()| {
+                    self.flood_check(
+                        u64::from(r.cell),
+                        now,
+                        config.caps.per_cell_per_minute,
+                        chosen.len() as u32,
+                    )
+                });
+                match verdict {
+                    Ok(()) => {
+                        let why = Explanation {
+                            grid_distance: distance,
+                            dwell: Duration::from_millis(
+                                (now.millis() - dwell.since.millis()).max(0) as u64,
+                            ),
+                            remaining_today: allowance.remaining_day,
+                            remaining_this_week: allowance.remaining_week,
+                        };
+                        chosen.push((
+                            crate::offers::Candidate {
+                                entry: entry.clone(),
+                                distance,
+                            },
+                            why,
+                        ));
+                    }
+                    Err(reason) => {
+                        first_reason.get_or_insert(reason);
+                    }
+                }
+                if chosen.len() >= room {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             });
-            match verdict {
-                Ok(()) => {
-                    let why = Explanation {
-                        grid_distance: candidate.distance,
-                        dwell: Duration::from_millis(
-                            (now.millis() - dwell.since.millis()).max(0) as u64
-                        ),
-                        remaining_today: allowance.remaining_day,
-                        remaining_this_week: allowance.remaining_week,
-                    };
-                    chosen.push((candidate, why));
-                }
-                Err(reason) => {
-                    first_reason.get_or_insert(reason);
-                }
-            }
-        }
         if chosen.is_empty() {
             return Err(first_reason.unwrap_or(Reason::NoOffersNearby));
         }
@@ -366,19 +378,19 @@ impl Presence {
         let op = {
             let mut shard = self.devices.lock(&device);
             let state = shard.get_mut(&device).ok_or(PresenceError::UnknownOffer)?;
-            let log = state.log.as_mut().ok_or(PresenceError::UnknownOffer)?;
-            let entry = log
+            let extra = state.extra.as_mut().ok_or(PresenceError::UnknownOffer)?;
+            let i = extra
                 .sent
-                .iter_mut()
-                .rev()
-                .find(|e| e.sent.offer_id == offer_id)
+                .iter()
+                .rposition(|e| e.offer_id == offer_id)
                 .ok_or(PresenceError::UnknownOffer)?;
+            let entry = &mut extra.sent[i];
             // OPENED is never overwritten: it is what ends fatigue.
-            if entry.sent.feedback != Some(Feedback::Opened) || feedback == Feedback::Opened {
-                entry.sent.feedback = Some(feedback);
+            if entry.feedback != Some(Feedback::Opened) || feedback == Feedback::Opened {
+                entry.feedback = Some(feedback);
             }
-            let (notification_id, merchant_id) = (entry.notification_id, entry.sent.merchant_id);
-            let stored_feedback = entry.sent.feedback.unwrap_or(feedback);
+            let (notification_id, merchant_id) = (extra.meta[i].0, entry.merchant_id);
+            let stored_feedback = entry.feedback.unwrap_or(feedback);
             let standing = state.standing(merchant_id);
             let new_standing = match feedback {
                 Feedback::Opened => None,
@@ -393,7 +405,7 @@ impl Presence {
             if let Some(s) = new_standing {
                 state.set_standing(merchant_id, s);
             }
-            state.last_activity = now;
+            state.set_last_activity(now);
             WriteOp::Feedback {
                 device,
                 notification_id,

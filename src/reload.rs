@@ -219,6 +219,12 @@ impl Reloader {
                 None
             }
         };
+        // The file may have changed between the first load and the watch starting: read it
+        // once more now that no change can be missed (a no-op when it is unchanged).
+        if self.path().is_some() {
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.reload("watch start")).await;
+        }
         tokio::pin!(shutdown);
         loop {
             let trigger = tokio::select! {

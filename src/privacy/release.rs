@@ -154,7 +154,7 @@ impl Insights {
             count("late");
             return None;
         }
-        let held = state.contrib.get_or_insert_with(Default::default);
+        let held = state.contributions();
         held.retain(|(b, _)| b.millis() > watermark);
         match contrib::admit(
             held,
