@@ -126,6 +126,44 @@ impl App {
     }
 }
 
+/// The names health reports on ("" is the whole server).
+const SERVICES: [&str; 5] = [
+    "",
+    "hexveil.v1.ConsentService",
+    "hexveil.v1.TransparencyService",
+    "hexveil.v1.PresenceService",
+    "hexveil.v1.MerchantService",
+];
+
+/// Resolves once `rx` says the server is stopping.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Runs `job` every `period` until the server stops (a late tick is delayed, not bunched).
+fn periodic<F, Fut>(
+    jobs: &mut tokio::task::JoinSet<()>,
+    period: Duration,
+    stop: watch::Receiver<bool>,
+    mut job: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    jobs.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = stopped(stop);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => job().await,
+                () = &mut stop => break,
+            }
+        }
+    });
+}
+
 /// Addresses actually bound (useful with port 0).
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -142,23 +180,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<ConsentServiceServer<ConsentApi>>()
-        .await;
-    health
-        .set_serving::<TransparencyServiceServer<TransparencyApi>>()
-        .await;
-    health
-        .set_serving::<PresenceServiceServer<PresenceApi>>()
-        .await;
-    health
-        .set_serving::<MerchantServiceServer<MerchantApi>>()
-        .await;
+    for name in SERVICES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -209,64 +237,42 @@ pub async fn run(
     let mut jobs = tokio::task::JoinSet::new();
     {
         let consents = app.consents.clone();
-        let rx = stop_rx.clone();
-        jobs.spawn(async move {
-            let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
-            let stop = stopped(rx);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = consents.expire_idle().await {
-                            tracing::warn!(error = %e, "retention sweep failed; will retry");
-                        }
+        periodic(
+            &mut jobs,
+            RETENTION_SWEEP_EVERY,
+            stop_rx.clone(),
+            move || {
+                let consents = consents.clone();
+                async move {
+                    if let Err(e) = consents.expire_idle().await {
+                        tracing::warn!(error = %e, "retention sweep failed; will retry");
                     }
-                    () = &mut stop => break,
+                }
+            },
+        );
+    }
+    {
+        let insights = app.insights.clone();
+        periodic(&mut jobs, RELEASE_EVERY, stop_rx.clone(), move || {
+            let insights = insights.clone();
+            async move {
+                // The store being down means nothing is released: never fail open.
+                if let Err(e) = insights.release_due().await {
+                    tracing::warn!(error = %e, "foot-traffic release failed; will retry");
                 }
             }
         });
     }
     {
-        let insights = app.insights.clone();
-        let rx = stop_rx.clone();
-        jobs.spawn(async move {
-            let mut tick = tokio::time::interval(RELEASE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let stop = stopped(rx);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        // The store being down means nothing is released: never fail open.
-                        if let Err(e) = insights.release_due().await {
-                            tracing::warn!(error = %e, "foot-traffic release failed; will retry");
-                        }
-                    }
-                    () = &mut stop => break,
+        let (offers, insights) = (app.offers.clone(), app.insights.clone());
+        periodic(&mut jobs, OFFER_REFRESH_EVERY, stop_rx.clone(), move || {
+            let (offers, insights) = (offers.clone(), insights.clone());
+            async move {
+                if let Err(e) = offers.refresh().await {
+                    tracing::warn!(error = %e, "offer index refresh failed; will retry");
                 }
-            }
-        });
-    }
-    {
-        let offers = app.offers.clone();
-        let insights = app.insights.clone();
-        let rx = stop_rx.clone();
-        jobs.spawn(async move {
-            let mut tick = tokio::time::interval(OFFER_REFRESH_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let stop = stopped(rx);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = offers.refresh().await {
-                            tracing::warn!(error = %e, "offer index refresh failed; will retry");
-                        }
-                        if let Err(e) = insights.refresh_domain().await {
-                            tracing::warn!(error = %e, "domain refresh failed; will retry");
-                        }
-                    }
-                    () = &mut stop => break,
+                if let Err(e) = insights.refresh_domain().await {
+                    tracing::warn!(error = %e, "domain refresh failed; will retry");
                 }
             }
         });
@@ -274,31 +280,22 @@ pub async fn run(
     {
         let store = app.store.clone();
         let health = health.clone();
-        let rx = stop_rx.clone();
-        jobs.spawn(async move {
-            let mut tick = tokio::time::interval(HEALTH_PROBE_EVERY);
-            let stop = stopped(rx);
-            tokio::pin!(stop);
-            let mut serving = true;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let ok = store.ping().await.is_ok();
-                        if ok != serving {
-                            serving = ok;
-                            tracing::warn!(serving, "store health changed");
-                            if ok {
-                                health.set_serving::<ConsentServiceServer<ConsentApi>>().await;
-                                health.set_serving::<TransparencyServiceServer<TransparencyApi>>().await;
-                                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                            } else {
-                                health.set_not_serving::<ConsentServiceServer<ConsentApi>>().await;
-                                health.set_not_serving::<TransparencyServiceServer<TransparencyApi>>().await;
-                                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                            }
-                        }
-                    }
-                    () = &mut stop => break,
+        let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        periodic(&mut jobs, HEALTH_PROBE_EVERY, stop_rx.clone(), move || {
+            let (store, health, serving) = (store.clone(), health.clone(), serving.clone());
+            async move {
+                let ok = store.ping().await.is_ok();
+                if serving.swap(ok, std::sync::atomic::Ordering::SeqCst) == ok {
+                    return;
+                }
+                tracing::warn!(serving = ok, "store health changed");
+                let status = if ok {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                for name in SERVICES {
+                    health.set_service_status(name, status).await;
                 }
             }
         });

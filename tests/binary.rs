@@ -246,6 +246,8 @@ async fn health_reflection_and_metrics() {
         "",
         "hexveil.v1.ConsentService",
         "hexveil.v1.TransparencyService",
+        "hexveil.v1.PresenceService",
+        "hexveil.v1.MerchantService",
     ] {
         let status = health
             .check(HealthCheckRequest {
