@@ -146,6 +146,53 @@ impl OfferIndex {
         now: Timestamp,
         utc_offset_minutes: i32,
         exclusions: &[crate::config::CellSpec],
+        visit: impl FnMut(&Arc<OfferEntry>, u32) -> std::ops::ControlFlow<()>,
+    ) {
+        self.walk(
+            cell,
+            max_k,
+            now,
+            utc_offset_minutes,
+            exclusions,
+            true,
+            visit,
+        );
+    }
+
+    /// Whether any active offer is near `cell` (no ranking needed, so none is done).
+    pub fn any_nearby(
+        &self,
+        cell: CellIndex,
+        max_k: u32,
+        now: Timestamp,
+        utc_offset_minutes: i32,
+        exclusions: &[crate::config::CellSpec],
+    ) -> bool {
+        let mut any = false;
+        self.walk(
+            cell,
+            max_k,
+            now,
+            utc_offset_minutes,
+            exclusions,
+            false,
+            |_, _| {
+                any = true;
+                std::ops::ControlFlow::Break(())
+            },
+        );
+        any
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &self,
+        cell: CellIndex,
+        max_k: u32,
+        now: Timestamp,
+        utc_offset_minutes: i32,
+        exclusions: &[crate::config::CellSpec],
+        ranked: bool,
         mut visit: impl FnMut(&Arc<OfferEntry>, u32) -> std::ops::ControlFlow<()>,
     ) {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -155,18 +202,7 @@ impl OfferIndex {
         let mut ring: Vec<CellIndex> = Vec::new();
         let mut found: Vec<&Arc<OfferEntry>> = Vec::new();
         for k in 0..=max_k {
-            ring.clear();
-            let fast: Option<Vec<CellIndex>> = cell.grid_ring_fast(k).collect();
-            match fast {
-                Some(cells) => ring.extend(cells),
-                // Near a pentagon the fast ring is undefined; fall back to the disk.
-                None => ring.extend(
-                    cell.grid_disk_distances::<Vec<_>>(k)
-                        .into_iter()
-                        .filter(|(_, d)| *d == k)
-                        .map(|(c, _)| c),
-                ),
-            }
+            ring_cells(cell, k, &mut ring);
             found.clear();
             for c in &ring {
                 let Some(list) = inner.by_cell.get(&u64::from(*c)) else {
@@ -182,12 +218,14 @@ impl OfferIndex {
                     }
                 }
             }
-            found.sort_by(|a, b| {
-                b.offer
-                    .updated_at
-                    .cmp(&a.offer.updated_at)
-                    .then(a.offer.offer_id.cmp(&b.offer.offer_id))
-            });
+            if ranked && found.len() > 1 {
+                found.sort_by(|a, b| {
+                    b.offer
+                        .updated_at
+                        .cmp(&a.offer.updated_at)
+                        .then(a.offer.offer_id.cmp(&b.offer.offer_id))
+                });
+            }
             for entry in &found {
                 if visit(entry, k).is_break() {
                     return;
@@ -220,6 +258,22 @@ impl OfferIndex {
             },
         );
         out
+    }
+}
+
+/// The cells exactly `k` rings from `cell`, into `out`.
+fn ring_cells(cell: CellIndex, k: u32, out: &mut Vec<CellIndex>) {
+    out.clear();
+    let fast: Option<Vec<CellIndex>> = cell.grid_ring_fast(k).collect();
+    match fast {
+        Some(cells) => out.extend(cells),
+        // Near a pentagon the fast ring is undefined; fall back to the disk.
+        None => out.extend(
+            cell.grid_disk_distances::<Vec<_>>(k)
+                .into_iter()
+                .filter(|(_, d)| *d == k)
+                .map(|(c, _)| c),
+        ),
     }
 }
 

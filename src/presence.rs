@@ -250,12 +250,9 @@ impl Presence {
         let allowance = match caps::device_caps(&config.caps, log, dwell, offset, now) {
             Ok(a) => a,
             Err(reason) => {
-                let mut nearby = false;
-                self.index
-                    .visit(r.cell, max_k, now, offset, exclusions, |_, _| {
-                        nearby = true;
-                        ControlFlow::Break(())
-                    });
+                let nearby = self
+                    .index
+                    .any_nearby(r.cell, max_k, now, offset, exclusions);
                 return Err(if nearby {
                     reason
                 } else {

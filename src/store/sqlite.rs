@@ -419,11 +419,23 @@ impl SqliteStore {
         )
         .fetch_all(&self.readers)
         .await?;
+        let mut cells: std::collections::HashMap<String, Vec<u64>> =
+            std::collections::HashMap::new();
+        for r in
+            sqlx::query("SELECT merchant_id, cell FROM merchant_cells ORDER BY merchant_id, cell")
+                .fetch_all(&self.readers)
+                .await?
+        {
+            cells
+                .entry(r.try_get("merchant_id")?)
+                .or_default()
+                .push(r.try_get::<i64, _>("cell")? as u64);
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let id = uuid_col(&row, "merchant_id")?;
-            let cells = self.merchant_cells(id).await?;
-            out.push(merchant_from_row(&row, cells)?);
+            let id: String = row.try_get("merchant_id")?;
+            let c = cells.remove(&id).unwrap_or_default();
+            out.push(merchant_from_row(&row, c)?);
         }
         Ok(out)
     }
@@ -683,16 +695,18 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 // Already released (a retry, or another node): change nothing.
                 return Ok(WriteResult::Count(0));
             }
-            for c in counts {
-                sqlx::query(
-                    "INSERT INTO releases (bucket, cell, noisy, suppressed) VALUES (?, ?, ?, ?)",
-                )
-                .bind(c.bucket.millis())
-                .bind(c.cell as i64)
-                .bind(c.noisy)
-                .bind(i64::from(c.suppressed))
-                .execute(&mut *conn)
-                .await?;
+            // Multi-row inserts: a 100k-cell release is a few hundred statements, not 100k.
+            for chunk in counts.chunks(500) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO releases (bucket, cell, noisy, suppressed) ",
+                );
+                q.push_values(chunk, |mut row, c| {
+                    row.push_bind(c.bucket.millis())
+                        .push_bind(c.cell as i64)
+                        .push_bind(c.noisy)
+                        .push_bind(i64::from(c.suppressed));
+                });
+                q.build().execute(&mut *conn).await?;
             }
             sqlx::query("DELETE FROM contributions WHERE bucket = ?")
                 .bind(entry.bucket.millis())
