@@ -197,6 +197,9 @@ async fn run(actions: Vec<Action>) -> Result<usize, String> {
                 per_merchant,
                 quiet,
             } => {
+                // A reload takes effect strictly after everything before it, so the oracle
+                // never attributes a new cap to a notification sent at the same instant.
+                clock.advance(Duration::from_millis(1));
                 let mut next = app.settings.current().config.clone();
                 next.caps = caps(per_day, per_week, interval_min, per_merchant, quiet);
                 app.settings.replace(Settings::new(next.clone()).unwrap());
