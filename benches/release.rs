@@ -38,19 +38,34 @@ async fn rig() -> Rig {
     // 303 far-apart merchants with 331-cell areas: 100,293 domain cells.
     for i in 0..303 {
         let lat = -60.0 + f64::from(i) * 0.4;
-        let cell = h3o::LatLng::new(lat, 20.0).unwrap().to_cell(h3o::Resolution::Eight);
-        hexveil::merchants::add(&store, &format!("m{i}"), vec![cell.into()], 8, Timestamp(T0 - 1))
-            .await
-            .unwrap();
+        let cell = h3o::LatLng::new(lat, 20.0)
+            .unwrap()
+            .to_cell(h3o::Resolution::Eight);
+        hexveil::merchants::add(
+            &store,
+            &format!("m{i}"),
+            vec![cell.into()],
+            8,
+            Timestamp(T0 - 1),
+        )
+        .await
+        .unwrap();
     }
     let settings = Settings::new(config.clone()).unwrap();
     let scale = settings.consequences.privacy.noise_scale;
     let clock: SharedClock = Arc::new(ManualClock::new(Timestamp(T0)));
     let insights = Insights::new(store.clone(), clock, LiveSettings::new(settings));
-    let domain = hexveil::privacy::domain::domain(&store.merchants().await.unwrap(), &config, Timestamp(T0))
-        .into_iter()
-        .collect();
-    Rig { _dir: dir, store, insights, domain, scale }
+    let domain =
+        hexveil::privacy::domain::domain(&store.merchants().await.unwrap(), &config, Timestamp(T0))
+            .into_iter()
+            .collect();
+    Rig {
+        _dir: dir,
+        store,
+        insights,
+        domain,
+        scale,
+    }
 }
 
 /// 20,000 contributions spread over the domain, for one bucket.
@@ -70,14 +85,22 @@ async fn seed(rig: &Rig, bucket: Timestamp) {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rig = rt.block_on(rig());
     let n = rig.domain.len();
     println!("domain: {n} cells, noise scale {:.3}", rig.scale);
     let mut group = c.benchmark_group("release");
-    group.sample_size(10).measurement_time(Duration::from_secs(40));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(40));
     group.bench_function("opendp_raw_sampling_100k", |b| {
-        b.iter(|| hexveil::privacy::mechanism::sample_raw(Mechanism::DiscreteGaussian, rig.scale, n).unwrap())
+        b.iter(|| {
+            hexveil::privacy::mechanism::sample_raw(Mechanism::DiscreteGaussian, rig.scale, n)
+                .unwrap()
+        })
     });
     let mut next_bucket = 0i64;
     group.bench_function("release_bucket_100k_cells", |b| {
