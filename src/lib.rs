@@ -19,6 +19,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod demo;
 pub mod devices;
 pub mod merchants;
 pub mod model;
