@@ -259,7 +259,10 @@ pub async fn seed(app: &App, clock: &DemoClock) -> anyhow::Result<DemoCity> {
     let mut reports = 0u64;
     let mut offers_shown = 0u64;
     let mut buckets_released = 0usize;
-    for hour in 0..(last - first) / 3_600_000 + 1 {
+    // Up to the present: the released day, then the hours not yet due, whose contributions
+    // wait for the release job like any live report's.
+    let until = real_now - 60_000;
+    for hour in 0..=(until - first) / 3_600_000 {
         let hour_start = first + hour * 3_600_000;
         let local_hour = ((hour_start.div_euclid(3_600_000)) % 24) as usize;
         // minute of the hour -> (device, cell)
@@ -287,13 +290,17 @@ pub async fn seed(app: &App, clock: &DemoClock) -> anyhow::Result<DemoCity> {
             }
         }
         for (minute, batch) in plan {
-            clock.set(Timestamp(hour_start + minute * 60_000));
-            let at = clock.now();
+            let at = hour_start + minute * 60_000;
+            if at > until {
+                break;
+            }
+            clock.set(Timestamp(at));
+            let observed_at = clock.now();
             let results = futures_util::stream::iter(batch.into_iter().map(|(i, cell)| {
                 app.presence.report(Report {
                     device: people[i].id,
                     cell,
-                    observed_at: at,
+                    observed_at,
                     utc_offset_minutes: 0,
                 })
             }))
