@@ -111,6 +111,11 @@ pub struct ServeArgs {
     /// Data directory (overrides store.data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Seed a synthetic city (merchants, offers, a day of simulated devices, released through
+    /// the real DP path) and print the demo merchants' keys and the dashboard URL. Uses a
+    /// fresh temporary data directory unless --store or --data-dir is given.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,8 +258,17 @@ fn merchant(command: MerchantCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     crate::telemetry::init_logging();
+    if args.demo && args.store.is_none() && args.data_dir.is_none() {
+        let dir = crate::demo::fresh_data_dir();
+        args.store = Some(format!("sqlite://{}/hexveil.db", dir.display()));
+        println!(
+            "demo data directory: {} (delete it when done)",
+            dir.display()
+        );
+        args.data_dir = Some(dir);
+    }
     let source = args.source();
     let settings = source
         .load()
@@ -272,16 +286,41 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("server.http_listen: cannot listen on {http_addr}"))?;
-        let app = App::open(settings, Arc::new(SystemClock)).await?;
         let bound = server::Bound {
             grpc: grpc.local_addr()?,
             http: http.local_addr()?,
+        };
+        let app = if args.demo {
+            let clock = Arc::new(crate::demo::DemoClock::default());
+            let app = App::open(settings, crate::demo::shared(&clock)).await?;
+            let city = crate::demo::seed(&app, &clock)
+                .await
+                .context("cannot seed the demo city")?;
+            print_demo(&city, bound.http);
+            app
+        } else {
+            App::open(settings, Arc::new(SystemClock)).await?
         };
         tracing::info!(grpc = %bound.grpc, http = %bound.http, "hexveil listening");
         // A stable line on stdout that scripts and tests can wait for.
         println!("hexveil listening grpc={} http={}", bound.grpc, bound.http);
         server::run(app, source, grpc, http, server::shutdown_signal()).await
     })
+}
+
+fn print_demo(city: &crate::demo::DemoCity, http: std::net::SocketAddr) {
+    println!(
+        "demo city seeded in {:.1} s: {} devices, {} reports, {} offers shown, {} buckets released",
+        city.took.as_secs_f64(),
+        city.devices,
+        city.reports,
+        city.offers_shown,
+        city.buckets_released
+    );
+    for (name, key) in &city.merchants {
+        println!("demo merchant: {key}  ({name})");
+    }
+    println!("dashboard: http://{http}/  (sign in with one of the keys above)");
 }
 
 fn config_check(file: &std::path::Path, json: bool) -> ExitCode {

@@ -1,7 +1,8 @@
 //! hexveil: a privacy-preserving location-recommendation engine.
 //!
 //! Layers, data flowing one way:
-//! - the wire: [`api`] (gRPC, the only module that knows protobuf) and [`web`] (HTTP);
+//! - the wire: [`api`] (gRPC, the only module that knows protobuf) and [`web`] (HTTP: the
+//!   merchant dashboard and its JSON API, health, metrics);
 //! - the domain: [`consent`] (consent, transparency, retention), [`policy`], [`presence`]
 //!   (the offer decision pipeline) over [`caps`], [`devices`] and [`offers`] (in-memory
 //!   state kept in sync with the store), and [`merchants`];
@@ -9,7 +10,8 @@
 //! - underneath, importing nothing above them: [`config`], [`settings`], [`clock`],
 //!   [`cells`], [`pseudonym`], [`model`], [`privacy`].
 //!
-//! [`server`] wires the layers to listeners and background jobs; [`cli`] is the command line.
+//! [`server`] wires the layers to listeners and background jobs; [`cli`] is the command line;
+//! [`demo`] seeds the synthetic city of `hexveil serve --demo` through the real paths.
 //! See `ARCHITECTURE.md` for the invariants each module keeps.
 
 pub mod api;
@@ -19,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod demo;
 pub mod devices;
 pub mod merchants;
 pub mod model;

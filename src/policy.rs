@@ -35,6 +35,26 @@ impl<'a> PrivacyPolicy<'a> {
     }
 }
 
+/// What a released foot-traffic count is, in plain words, from the live settings (shown with
+/// every gRPC foot-traffic reply and on the dashboard).
+pub fn foot_traffic_explanation(s: &Settings) -> String {
+    let c = &s.config;
+    let dp = &s.consequences.privacy;
+    format!(
+        "Each count is the number of distinct consenting devices seen in a cell per {}, \
+         plus random noise (standard deviation {:.1}), so that nobody's presence can be \
+         inferred: 95% of counts are within ±{:.0} of the truth. Counts below {} are shown \
+         as suppressed. Each device counts in at most {} cells per period; its privacy loss \
+         is at most ε = {:.2} per day.",
+        c.insights.bucket,
+        dp.noise_std_dev,
+        dp.ci95_half_width,
+        dp.threshold,
+        c.privacy.max_cells_per_bucket,
+        dp.epsilon_per_device_per_day
+    )
+}
+
 fn recipients(s: &Settings) -> Vec<Recipient> {
     let scope = match s.config.insights.scope {
         InsightsScope::OwnArea => "around their own locations",

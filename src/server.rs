@@ -208,12 +208,11 @@ pub async fn run(
         app.settings.clone(),
         app.clock.clone(),
     );
+    // One auth layer for gRPC and the dashboard's JSON API: same keys, one rate limit per key.
+    let merchant_auth =
+        MerchantAuthLayer::new(app.store.clone(), app.settings.clone(), app.clock.clone());
     let merchant = tower::ServiceBuilder::new()
-        .layer(MerchantAuthLayer::new(
-            app.store.clone(),
-            app.settings.clone(),
-            app.clock.clone(),
-        ))
+        .layer(merchant_auth.clone())
         .service(MerchantServiceServer::new(MerchantApi::new(
             app.offers.clone(),
             app.store.clone(),
@@ -231,8 +230,14 @@ pub async fn run(
         .add_service(merchant)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
 
-    let http_server = axum::serve(http, crate::web::router(app.store.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let web = crate::web::router(crate::web::WebDeps {
+        store: app.store.clone(),
+        settings: app.settings.clone(),
+        clock: app.clock.clone(),
+        offers: app.offers.clone(),
+        auth: merchant_auth,
+    });
+    let http_server = axum::serve(http, web).with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let mut jobs = tokio::task::JoinSet::new();
     {

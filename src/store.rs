@@ -322,6 +322,18 @@ impl Store {
         }
     }
 
+    /// How often each of a merchant's offers was shown since `since`, from the notification
+    /// log (counts of the merchant's own notifications; no device is named).
+    pub async fn offer_shown_counts(
+        &self,
+        merchant_id: MerchantId,
+        since: Timestamp,
+    ) -> Result<Vec<(OfferId, u64)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.offer_shown_counts(merchant_id, since).await,
+        }
+    }
+
     /// Every merchant, oldest first.
     pub async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
         match &*self.backend {

@@ -1,32 +1,101 @@
-//! The HTTP listener: `/healthz` (the store answers) and Prometheus `/metrics`.
+//! The HTTP listener: the merchant dashboard (assets embedded in the binary), its JSON API
+//! under `/api/v1/` ([`api`]), `/healthz` (the store answers) and Prometheus `/metrics`.
+//!
+//! Architecture invariants: the JSON API calls the same domain code as the gRPC
+//! `MerchantService` and authenticates through the same [`MerchantAuthLayer`] instance (one
+//! per-key rate limit across both); every asset is compiled in, and the Content-Security-Policy
+//! sent with every page response forbids the browser to load or send anything off the origin.
+
+mod api;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::api::MerchantAuthLayer;
+use crate::clock::SharedClock;
+use crate::offers::Offers;
+use crate::settings::LiveSettings;
 use crate::store::Store;
+
+/// What the HTTP layer needs from the application.
+#[derive(Debug, Clone)]
+pub struct WebDeps {
+    pub store: Store,
+    pub settings: LiveSettings,
+    pub clock: SharedClock,
+    pub offers: Offers,
+    /// The same layer instance that guards the gRPC `MerchantService`.
+    pub auth: MerchantAuthLayer,
+}
 
 #[derive(Clone)]
 struct WebState {
-    store: Store,
+    deps: WebDeps,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// Nothing may be fetched from, or sent to, anywhere but this server.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+const INDEX_HTML: &str = include_str!("web/assets/index.html");
+const APP_JS: &str = include_str!("web/assets/app.js");
+const STYLE_CSS: &str = include_str!("web/assets/style.css");
+const FAVICON_SVG: &str = include_str!("web/assets/favicon.svg");
+
 /// The HTTP routes.
-pub fn router(store: Store) -> Router {
+pub fn router(deps: WebDeps) -> Router {
     Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { asset("image/svg+xml", FAVICON_SVG) }),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .nest("/api/v1", api::routes())
         .with_state(WebState {
-            store,
+            deps,
             prometheus: crate::telemetry::prometheus(),
         })
 }
 
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut res = body.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
+}
+
 async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
-    match state.store.ping().await {
+    match state.deps.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::warn!(error = %e, "health check: store unavailable");

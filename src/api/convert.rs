@@ -255,18 +255,6 @@ pub fn privacy_params(s: &crate::settings::Settings) -> pb::PrivacyParams {
         bucket: Some(duration(c.insights.bucket.get())),
         resolution: u32::from(c.insights.resolution),
         max_cells_per_bucket: c.privacy.max_cells_per_bucket,
-        explanation: format!(
-            "Each count is the number of distinct consenting devices seen in a cell per {}, \
-             plus random noise (standard deviation {:.1}), so that nobody's presence can be \
-             inferred: 95% of counts are within ±{:.0} of the truth. Counts below {} are shown \
-             as suppressed. Each device counts in at most {} cells per period; its privacy loss \
-             is at most ε = {:.2} per day.",
-            c.insights.bucket,
-            dp.noise_std_dev,
-            dp.ci95_half_width,
-            dp.threshold,
-            c.privacy.max_cells_per_bucket,
-            dp.epsilon_per_device_per_day
-        ),
+        explanation: crate::policy::foot_traffic_explanation(s),
     }
 }

@@ -95,15 +95,7 @@ pub async fn foot_traffic(
             format!("at most {MAX_CELLS} cells per query"),
         ));
     }
-    if end <= start {
-        return Err(invalid("end", "must be after start"));
-    }
-    if end.millis() - start.millis() > MAX_RANGE_DAYS * 86_400_000 {
-        return Err(invalid(
-            "end",
-            format!("the range may span at most {MAX_RANGE_DAYS} days"),
-        ));
-    }
+    check_range(start, end)?;
     let area: Option<BTreeSet<u64>> = match config.insights.scope {
         InsightsScope::OwnArea => Some(domain::merchant_area(merchant, config)),
         InsightsScope::All => None,
@@ -118,6 +110,49 @@ pub async fn foot_traffic(
         }
         groups.push((*cell, m));
     }
+    answer(store, settings, groups, start, end, granularity).await
+}
+
+/// The whole of `merchant`'s own area as one series (the sum of its released cells, with the
+/// interval widened for every noisy term); points carry `cell = 0`.
+pub async fn area_total(
+    store: &Store,
+    settings: &Settings,
+    merchant: &Merchant,
+    start: Timestamp,
+    end: Timestamp,
+    granularity: Granularity,
+) -> Result<Vec<Point>, QueryError> {
+    check_range(start, end)?;
+    let area: Vec<u64> = domain::merchant_area(merchant, &settings.config)
+        .into_iter()
+        .collect();
+    answer(store, settings, vec![(0, area)], start, end, granularity).await
+}
+
+fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
+    if end <= start {
+        return Err(invalid("end", "must be after start"));
+    }
+    if end.millis() - start.millis() > MAX_RANGE_DAYS * 86_400_000 {
+        return Err(invalid(
+            "end",
+            format!("the range may span at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sums released values per (group, period): `groups` are (label, member cells).
+async fn answer(
+    store: &Store,
+    settings: &Settings,
+    groups: Vec<(u64, Vec<u64>)>,
+    start: Timestamp,
+    end: Timestamp,
+    granularity: Granularity,
+) -> Result<Vec<Point>, QueryError> {
+    let config = &settings.config;
     let all: Vec<u64> = groups.iter().flat_map(|(_, m)| m.iter().copied()).collect();
     let released = store.released(&all, start, end).await?;
     let ledger: HashMap<i64, (Mechanism, f64)> = store

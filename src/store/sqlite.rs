@@ -18,7 +18,7 @@ use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult}
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, CurrentCell, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
-    MerchantId, Notification, Offer, OpeningHours, Purposes, ReleasedCount, Restriction,
+    MerchantId, Notification, Offer, OfferId, OpeningHours, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -438,6 +438,27 @@ impl SqliteStore {
             out.push(merchant_from_row(&row, c)?);
         }
         Ok(out)
+    }
+
+    pub(crate) async fn offer_shown_counts(
+        &self,
+        merchant_id: MerchantId,
+        since: Timestamp,
+    ) -> Result<Vec<(OfferId, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT offer_id, COUNT(*) AS shown FROM notifications
+             WHERE merchant_id = ? AND sent_at >= ? GROUP BY offer_id",
+        )
+        .bind(merchant_id.to_string())
+        .bind(since.millis())
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let shown: i64 = r.try_get("shown")?;
+                Ok((uuid_col(r, "offer_id")?, shown.max(0) as u64))
+            })
+            .collect()
     }
 }
 
