@@ -23,14 +23,14 @@ const EPOCH_MS: i64 = 1_577_836_800_000;
 
 /// A device's hot state: 48 bytes (64 with its key), so a million active devices fit in
 /// well under 150 MB whatever the hash table's fill. Times are kept compactly (seconds, or
-/// tenths for the rate limiter) and always rounded in the direction that sends less: dwell
-/// starts are rounded up, last sightings down, rate-limit times up.
+/// tenths for the rate limiter); the cap-relevant ones are rounded in the direction that
+/// sends less: dwell starts up, last sightings down.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceState {
     pub purposes: Purposes,
     /// Seconds since 2020, rounded down.
     last_activity_s: u32,
-    /// GCRA theoretical arrival time, tenths of a second since 2020, rounded up.
+    /// GCRA theoretical arrival time, tenths of a second since 2020, rounded down.
     gcra_ds: u32,
     dwell: CompactDwell,
     /// Everything only some devices have: notifications, standings, contributions.
@@ -111,7 +111,9 @@ impl DeviceState {
     ) -> Result<(), std::time::Duration> {
         let mut tat = EPOCH_MS + i64::from(self.gcra_ds) * 100;
         crate::caps::gcra(&mut tat, now, per_hour, burst)?;
-        let ds = (tat - EPOCH_MS + 99).max(0) / 100;
+        // Rounded down: rounding up would add up over a burst and refuse its last request.
+        // The limiter may so be lenient by under 0.1 s per request — never a privacy rule.
+        let ds = (tat - EPOCH_MS).max(0) / 100;
         self.gcra_ds = u32::try_from(ds).unwrap_or(u32::MAX);
         Ok(())
     }

@@ -38,6 +38,9 @@ pub struct Candidate {
 struct Inner {
     by_id: HashMap<OfferId, Arc<OfferEntry>>,
     by_cell: HashMap<u64, Vec<Arc<OfferEntry>>>,
+    /// Bumped by every local change, so a refresh that read the store before the change
+    /// cannot overwrite it with a stale list.
+    generation: u64,
 }
 
 /// The in-memory offer index.
@@ -56,6 +59,7 @@ impl OfferIndex {
             .map(|e| e.sent.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .unwrap_or_default();
         Self::remove_locked(&mut inner, &offer.offer_id);
+        inner.generation += 1;
         let entry = Arc::new(OfferEntry {
             sent: Mutex::new(sent),
             offer,
@@ -83,6 +87,15 @@ impl OfferIndex {
     pub fn remove(&self, id: &OfferId) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         Self::remove_locked(&mut inner, id);
+        inner.generation += 1;
+    }
+
+    /// The generation to pass to [`OfferIndex::replace_all`]; read it before reading the store.
+    pub fn generation(&self) -> u64 {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
     }
 
     /// One offer by id.
@@ -106,8 +119,15 @@ impl OfferIndex {
     }
 
     /// Replaces the whole index with `offers` (from the store), keeping send histories, and
-    /// adds the send times in `sent` (offer, time) for offers not yet tracked.
-    pub fn replace_all(&self, offers: Vec<Offer>, sent: &[(OfferId, Timestamp)]) {
+    /// adds the send times in `sent` (offer, time) for offers not yet tracked. Does nothing
+    /// (returns false) if the index changed locally since `generation` was read: the store
+    /// read may predate that change, and the next refresh will be current.
+    pub fn replace_all(
+        &self,
+        offers: Vec<Offer>,
+        sent: &[(OfferId, Timestamp)],
+        generation: u64,
+    ) -> bool {
         let mut fresh = Inner::default();
         {
             let old = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -132,7 +152,13 @@ impl OfferIndex {
                 fresh.by_id.insert(entry.offer.offer_id, entry);
             }
         }
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.generation != generation {
+            return false;
+        }
+        fresh.generation = generation;
+        *inner = fresh;
+        true
     }
 
     /// Visits the offers near `cell` that are valid and open at `now` and outside every
@@ -458,6 +484,7 @@ impl Offers {
 
     /// Reloads the index from the store (offers of revoked merchants are left out).
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let generation = self.index.generation();
         let revoked: std::collections::HashSet<_> = self
             .store
             .merchants()
@@ -481,7 +508,7 @@ impl Offers {
             .into_iter()
             .map(|n| (n.offer_id, n.sent_at))
             .collect();
-        self.index.replace_all(offers, &sent);
+        self.index.replace_all(offers, &sent, generation);
         Ok(())
     }
 }
@@ -496,4 +523,39 @@ pub fn opening_hours(weekday: u32, open: &str, close: &str) -> Result<OpeningHou
         open,
         close,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(cell: u64) -> Offer {
+        Offer {
+            offer_id: uuid::Uuid::new_v4(),
+            merchant_id: uuid::Uuid::new_v4(),
+            title: "t".into(),
+            body: String::new(),
+            cell,
+            radius_k: 1,
+            valid_from: Timestamp(0),
+            valid_until: Timestamp(i64::MAX),
+            max_notifications_per_day: 1,
+            opening_hours: Vec::new(),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn a_stale_refresh_never_drops_a_local_change() {
+        let index = OfferIndex::default();
+        let seen = index.generation();
+        // A refresh read the store (empty) ... then a merchant's upsert lands locally ...
+        index.upsert(offer(0x8828308281fffff));
+        // ... and the stale refresh must not wipe it.
+        assert!(!index.replace_all(Vec::new(), &[], seen));
+        assert_eq!(index.len(), 1);
+        // A current refresh applies.
+        assert!(index.replace_all(Vec::new(), &[], index.generation()));
+        assert!(index.is_empty());
+    }
 }
