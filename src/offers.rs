@@ -43,6 +43,21 @@ struct Inner {
     generation: u64,
 }
 
+impl Inner {
+    /// Adds an offer (not yet present) with its send history.
+    fn insert(&mut self, offer: Offer, sent: VecDeque<Timestamp>) {
+        let entry = Arc::new(OfferEntry {
+            sent: Mutex::new(sent),
+            offer,
+        });
+        self.by_cell
+            .entry(entry.offer.cell)
+            .or_default()
+            .push(entry.clone());
+        self.by_id.insert(entry.offer.offer_id, entry);
+    }
+}
+
 /// The in-memory offer index.
 #[derive(Debug, Default)]
 pub struct OfferIndex {
@@ -60,16 +75,7 @@ impl OfferIndex {
             .unwrap_or_default();
         Self::remove_locked(&mut inner, &offer.offer_id);
         inner.generation += 1;
-        let entry = Arc::new(OfferEntry {
-            sent: Mutex::new(sent),
-            offer,
-        });
-        inner
-            .by_cell
-            .entry(entry.offer.cell)
-            .or_default()
-            .push(entry.clone());
-        inner.by_id.insert(entry.offer.offer_id, entry);
+        inner.insert(offer, sent);
     }
 
     fn remove_locked(inner: &mut Inner, id: &OfferId) -> Option<Arc<OfferEntry>> {
@@ -140,16 +146,7 @@ impl OfferIndex {
                         .map(|(_, t)| *t)
                         .collect(),
                 };
-                let entry = Arc::new(OfferEntry {
-                    sent: Mutex::new(history),
-                    offer,
-                });
-                fresh
-                    .by_cell
-                    .entry(entry.offer.cell)
-                    .or_default()
-                    .push(entry.clone());
-                fresh.by_id.insert(entry.offer.offer_id, entry);
+                fresh.insert(offer, history);
             }
         }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
