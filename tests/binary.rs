@@ -7,16 +7,12 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::*;
-use hexveil::api::pb::{self, Purpose};
+use hexveil::api::pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 fn set(token: &str) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        device_token: token.to_string(),
-        purposes: vec![Purpose::NearbyOffers as i32, Purpose::FootTraffic as i32],
-        policy_version: "2026-11".to_string(),
-    }
+    consent_request(token, BOTH)
 }
 
 #[tokio::test]
@@ -360,7 +356,6 @@ fn config_check_names_bad_values_and_unknown_keys() {
 
 #[tokio::test]
 async fn a_device_notified_before_kill_9_gets_min_interval_after_restart() {
-    use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
     use hexveil::api::pb::presence_service_client::PresenceServiceClient;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("hexveil.toml");
@@ -401,12 +396,7 @@ async fn a_device_notified_before_kill_9_gets_min_interval_after_restart() {
     assert!(added["merchant_id"].as_str().unwrap().len() == 36);
 
     let ch = connect(server.grpc).await;
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    let mut merchant =
-        MerchantServiceClient::with_interceptor(ch.clone(), move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", header.clone());
-            Ok(req)
-        });
+    let mut merchant = merchant_client(ch.clone(), Some(&key));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -8,7 +8,6 @@ mod harness;
 use std::time::Duration;
 
 use harness::*;
-use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
 use hexveil::api::pb::presence_service_client::PresenceServiceClient;
 use hexveil::api::pb::{self, NoOfferReason as R, Purpose};
 use hexveil::clock::ManualClock;
@@ -82,20 +81,8 @@ impl Fixture {
         f
     }
 
-    fn merchant(
-        &self,
-        key: &str,
-    ) -> MerchantServiceClient<
-        tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
-    > {
-        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-        MerchantServiceClient::with_interceptor(
-            self.ch.clone(),
-            move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", header.clone());
-                Ok(req)
-            },
-        )
+    fn merchant(&self, key: &str) -> MerchantClient {
+        merchant_client(self.ch.clone(), Some(key))
     }
 
     async fn upsert(
@@ -127,14 +114,7 @@ impl Fixture {
     }
 
     async fn consent(&self, token: &str, purposes: &[Purpose]) {
-        consent_client(self.ch.clone())
-            .set_consent(pb::SetConsentRequest {
-                device_token: token.into(),
-                purposes: purposes.iter().map(|p| *p as i32).collect(),
-                policy_version: "1".into(),
-            })
-            .await
-            .unwrap();
+        grant(&self.ch, token, purposes).await;
     }
 
     async fn report_at(
@@ -214,7 +194,6 @@ fn withheld(r: &pb::ReportPresenceReply, want: R) {
     assert!(r.offers.is_empty());
 }
 
-const BOTH: &[Purpose] = &[Purpose::NearbyOffers, Purpose::FootTraffic];
 /// Caps relaxed so that only the cap under test can bite.
 const OPEN: &str = "[caps]\nquiet_hours = \"\"\nmin_interval = \"0s\"\nper_merchant_per_device_per_week = 100\nper_device_per_day = 100\nper_device_per_week = 700\nignore_fatigue_after = 0\n";
 

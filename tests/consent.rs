@@ -11,11 +11,7 @@ use hexveil::clock::SystemClock;
 use tonic::Code;
 
 fn set(token: &str, purposes: &[Purpose]) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        device_token: token.to_string(),
-        purposes: purposes.iter().map(|p| *p as i32).collect(),
-        policy_version: "2026-11".to_string(),
-    }
+    consent_request(token, purposes)
 }
 
 #[tokio::test]

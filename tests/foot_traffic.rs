@@ -7,12 +7,10 @@ mod harness;
 use std::time::Duration;
 
 use harness::*;
-use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
 use hexveil::api::pb::presence_service_client::PresenceServiceClient;
 use hexveil::api::pb::{self, Purpose};
 use hexveil::clock::{Clock, Timestamp};
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 /// 2026-01-05T10:00:00Z.
@@ -23,19 +21,6 @@ fn ts(ms: i64) -> prost_types::Timestamp {
         seconds: ms / 1000,
         nanos: 0,
     }
-}
-
-fn merchant(
-    ch: Channel,
-    key: &str,
-) -> MerchantServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
-> {
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    MerchantServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    })
 }
 
 #[tokio::test]
@@ -58,19 +43,6 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         .unwrap();
     server.app.insights.refresh_domain().await.unwrap();
 
-    let consent = |token: String, purposes: Vec<Purpose>| {
-        let ch = ch.clone();
-        async move {
-            consent_client(ch)
-                .set_consent(pb::SetConsentRequest {
-                    device_token: token,
-                    purposes: purposes.into_iter().map(|p| p as i32).collect(),
-                    policy_version: "1".into(),
-                })
-                .await
-                .unwrap();
-        }
-    };
     let report = |token: String, cell: u64| {
         let ch = ch.clone();
         let now = clock.now().millis();
@@ -88,11 +60,11 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     };
     for n in 0..26 {
         let t = format!("ft-device-{n:08}");
-        consent(t.clone(), vec![Purpose::FootTraffic]).await;
+        grant(&ch, &t, &[Purpose::FootTraffic]).await;
         report(t, here.into()).await;
     }
     // Nearby-offers consent only: never counted.
-    consent("ft-no-consent-0001".into(), vec![Purpose::NearbyOffers]).await;
+    grant(&ch, "ft-no-consent-0001", &[Purpose::NearbyOffers]).await;
     report("ft-no-consent-0001".into(), here.into()).await;
     // Erasure removes unreleased contributions.
     transparency_client(ch.clone())
@@ -133,7 +105,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         "released contributions are deleted"
     );
 
-    let hour = merchant(ch.clone(), &key_a)
+    let hour = merchant_client(ch.clone(), Some(&key_a))
         .get_foot_traffic(pb::GetFootTrafficRequest {
             cells: vec![here.into()],
             start: Some(ts(T0)),
@@ -158,7 +130,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     }
     // A coarser area and a day total are sums of released values, with wider intervals.
     let parent = here.parent(h3o::Resolution::Seven).unwrap();
-    let day = merchant(ch.clone(), &key_a)
+    let day = merchant_client(ch.clone(), Some(&key_a))
         .get_foot_traffic(pb::GetFootTrafficRequest {
             cells: vec![parent.into()],
             start: Some(ts(T0)),
@@ -174,7 +146,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     assert!(d.ci95_high - d.ci95_low > p.ci95_high - p.ci95_low || d.suppressed);
 
     // Outside the merchant's area: PERMISSION_DENIED.
-    let err = merchant(ch.clone(), &key_a)
+    let err = merchant_client(ch.clone(), Some(&key_a))
         .get_foot_traffic(pb::GetFootTrafficRequest {
             cells: vec![elsewhere.into()],
             start: Some(ts(T0)),
@@ -223,7 +195,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
             "end",
         ),
     ] {
-        let err = merchant(ch.clone(), &key_a)
+        let err = merchant_client(ch.clone(), Some(&key_a))
             .get_foot_traffic(req)
             .await
             .unwrap_err();

@@ -6,9 +6,8 @@ mod harness;
 use std::sync::Arc;
 
 use harness::*;
-use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
 use hexveil::api::pb::presence_service_client::PresenceServiceClient;
-use hexveil::api::pb::{self, NoOfferReason as R, Purpose};
+use hexveil::api::pb::{self, NoOfferReason as R};
 use hexveil::clock::{Clock, SystemClock};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -24,25 +23,6 @@ fn now_ts() -> prost_types::Timestamp {
         seconds: ms / 1000,
         nanos: 0,
     }
-}
-
-fn with_key(
-    ch: Channel,
-    key: Option<&str>,
-) -> MerchantServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
-> {
-    let header = key.map(|k| {
-        format!("Bearer {k}")
-            .parse::<tonic::metadata::MetadataValue<_>>()
-            .unwrap()
-    });
-    MerchantServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
-        if let Some(h) = &header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    })
 }
 
 fn offer(cell: u64) -> pb::Offer {
@@ -63,14 +43,7 @@ fn offer(cell: u64) -> pb::Offer {
 }
 
 async fn consent(ch: &Channel, token: &str) {
-    consent_client(ch.clone())
-        .set_consent(pb::SetConsentRequest {
-            device_token: token.into(),
-            purposes: vec![Purpose::NearbyOffers as i32, Purpose::FootTraffic as i32],
-            policy_version: "1".into(),
-        })
-        .await
-        .unwrap();
+    grant(ch, token, BOTH).await;
 }
 
 fn report(token: &str, cell: u64) -> pb::ReportPresenceRequest {
@@ -102,14 +75,14 @@ async fn merchant_keys_are_enforced_and_scoped() {
         Some(&format!("{key_a}x")[..]),
         Some(&key_a[..key_a.len() - 1]),
     ] {
-        let err = with_key(ch.clone(), key)
+        let err = merchant_client(ch.clone(), key)
             .list_offers(pb::ListOffersRequest {})
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{key:?}");
     }
 
-    let created = with_key(ch.clone(), Some(&key_a))
+    let created = merchant_client(ch.clone(), Some(&key_a))
         .upsert_offer(pb::UpsertOfferRequest {
             offer: Some(offer(c)),
         })
@@ -119,7 +92,7 @@ async fn merchant_keys_are_enforced_and_scoped() {
     assert_eq!(created.merchant_id, a.merchant_id.to_string());
 
     // B sees none of A's offers and can neither change nor delete them.
-    let listed = with_key(ch.clone(), Some(&key_b))
+    let listed = merchant_client(ch.clone(), Some(&key_b))
         .list_offers(pb::ListOffersRequest {})
         .await
         .unwrap()
@@ -127,21 +100,21 @@ async fn merchant_keys_are_enforced_and_scoped() {
     assert!(listed.offers.is_empty());
     let mut stolen = created.clone();
     stolen.title = "Hijacked".into();
-    let err = with_key(ch.clone(), Some(&key_b))
+    let err = merchant_client(ch.clone(), Some(&key_b))
         .upsert_offer(pb::UpsertOfferRequest {
             offer: Some(stolen),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = with_key(ch.clone(), Some(&key_b))
+    let err = merchant_client(ch.clone(), Some(&key_b))
         .delete_offer(pb::DeleteOfferRequest {
             offer_id: created.offer_id.clone(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let mine = with_key(ch.clone(), Some(&key_a))
+    let mine = merchant_client(ch.clone(), Some(&key_a))
         .list_offers(pb::ListOffersRequest {})
         .await
         .unwrap()
@@ -153,7 +126,7 @@ async fn merchant_keys_are_enforced_and_scoped() {
     let mut bad = offer(u64::from(cell_at(h3o::Resolution::Seven)));
     bad.title = String::new();
     bad.radius_k = 9;
-    let err = with_key(ch.clone(), Some(&key_a))
+    let err = merchant_client(ch.clone(), Some(&key_a))
         .upsert_offer(pb::UpsertOfferRequest { offer: Some(bad) })
         .await
         .unwrap_err();
@@ -172,12 +145,12 @@ async fn merchant_keys_are_enforced_and_scoped() {
     hexveil::merchants::revoke(store, a.merchant_id, SystemClock.now())
         .await
         .unwrap();
-    let err = with_key(ch.clone(), Some(&key_a))
+    let err = merchant_client(ch.clone(), Some(&key_a))
         .list_offers(pb::ListOffersRequest {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    with_key(ch, Some(&key_b))
+    merchant_client(ch, Some(&key_b))
         .list_offers(pb::ListOffersRequest {})
         .await
         .unwrap();

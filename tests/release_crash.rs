@@ -8,14 +8,10 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::*;
-use hexveil::api::pb::{self, Purpose};
+use hexveil::api::pb;
 
 fn set(token: &str) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        device_token: token.to_string(),
-        purposes: vec![Purpose::NearbyOffers as i32, Purpose::FootTraffic as i32],
-        policy_version: "2026-11".to_string(),
-    }
+    consent_request(token, BOTH)
 }
 
 /// Kill -9 in the middle of a release (a ~100k-cell domain keeps it busy for a while), then

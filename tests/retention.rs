@@ -12,11 +12,7 @@ use hexveil::api::pb::{self, Purpose};
 const DAY: Duration = Duration::from_secs(86_400);
 
 fn set(token: &str) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        device_token: token.to_string(),
-        purposes: vec![Purpose::NearbyOffers as i32],
-        policy_version: "1".to_string(),
-    }
+    consent_request(token, &[Purpose::NearbyOffers])
 }
 
 #[tokio::test]

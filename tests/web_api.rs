@@ -353,15 +353,7 @@ async fn the_rate_limit_per_key_is_shared_with_grpc() {
     assert_eq!(get(a, "/api/v1/privacy", Some(&key)).await.status, 200);
     assert_eq!(get(a, "/api/v1/offers", Some(&key)).await.status, 200);
     // The third call of the minute goes over gRPC.
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    let mut grpc =
-        hexveil::api::pb::merchant_service_client::MerchantServiceClient::with_interceptor(
-            server.channel().await,
-            move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", header.clone());
-                Ok(req)
-            },
-        );
+    let mut grpc = merchant_client(server.channel().await, Some(&key));
     grpc.list_offers(hexveil::api::pb::ListOffersRequest {})
         .await
         .unwrap();

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hexveil::api::pb::consent_service_client::ConsentServiceClient;
+use hexveil::api::pb::merchant_service_client::MerchantServiceClient;
 use hexveil::api::pb::transparency_service_client::TransparencyServiceClient;
+use hexveil::api::pb::{self, Purpose};
 use hexveil::clock::SharedClock;
 use hexveil::config::Config;
 use hexveil::reload::ConfigSource;
@@ -102,6 +104,48 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 
 pub fn consent_client(ch: Channel) -> ConsentServiceClient<Channel> {
     ConsentServiceClient::new(ch)
+}
+
+/// Both purposes, the common case in tests.
+pub const BOTH: &[Purpose] = &[Purpose::NearbyOffers, Purpose::FootTraffic];
+
+/// A SetConsent request for `token` (policy version "2026-11").
+pub fn consent_request(token: &str, purposes: &[Purpose]) -> pb::SetConsentRequest {
+    pb::SetConsentRequest {
+        device_token: token.to_string(),
+        purposes: purposes.iter().map(|p| *p as i32).collect(),
+        policy_version: "2026-11".to_string(),
+    }
+}
+
+/// Grants `purposes` to `token` and expects success.
+pub async fn grant(ch: &Channel, token: &str, purposes: &[Purpose]) {
+    consent_client(ch.clone())
+        .set_consent(consent_request(token, purposes))
+        .await
+        .unwrap();
+}
+
+/// Adds `authorization: Bearer <key>` to every call (no header for `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type MerchantClient =
+    MerchantServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A MerchantService client presenting `key` (or no key at all).
+pub fn merchant_client(ch: Channel, key: Option<&str>) -> MerchantClient {
+    let header = key.map(|k| format!("Bearer {k}").parse().unwrap());
+    MerchantServiceClient::with_interceptor(ch, Bearer(header))
 }
 
 pub fn transparency_client(ch: Channel) -> TransparencyServiceClient<Channel> {
