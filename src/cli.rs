@@ -181,8 +181,13 @@ fn merchant(command: MerchantCommand) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let open = |args: &StoreArgs| -> anyhow::Result<(crate::store::Store, u8)> {
-        let config = crate::config::Config::load(args.config.as_deref(), std::env::vars(), &[])
-            .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+        let config = ConfigSource {
+            path: args.config.clone(),
+            flags: Vec::new(),
+        }
+        .load()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
+        .config;
         let store = runtime
             .block_on(crate::store::Store::open(&args.store))
             .map_err(|e| anyhow::anyhow!("store: {e}"))?;

@@ -439,9 +439,11 @@ impl Default for PrivacyConfig {
 }
 
 impl Config {
-    /// Reads, overrides and validates a config: `path` (if any), then `env`
-    /// (`HEXVEIL_<SECTION>__<KEY>` pairs), then `flags` (dotted key, TOML value).
-    pub fn load(
+    /// Reads a config and applies overrides: `path` (if any), then `env`
+    /// (`HEXVEIL_<SECTION>__<KEY>` pairs), then `flags` (dotted key, TOML value). Values are
+    /// not validated here: [`crate::settings::Settings::new`] validates once and keeps the
+    /// consequences it computed.
+    pub fn read(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         flags: &[(String, toml::Value)],
@@ -453,9 +455,7 @@ impl Config {
             })?,
             None => String::new(),
         };
-        let config = Config::from_toml_with(&text, env, flags)?;
-        config.validate()?;
-        Ok(config)
+        Config::from_toml_with(&text, env, flags)
     }
 
     /// Parses TOML text with overrides, without validating values.

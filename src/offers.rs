@@ -435,10 +435,10 @@ impl Offers {
         } else {
             let owned = self
                 .store
-                .load_offers()
+                .offers_of(merchant.merchant_id)
                 .await?
-                .into_iter()
-                .any(|o| o.offer_id == offer.offer_id && o.merchant_id == merchant.merchant_id);
+                .iter()
+                .any(|o| o.offer_id == offer.offer_id);
             if !owned {
                 return Err(OfferError::NotFound);
             }
@@ -452,15 +452,7 @@ impl Offers {
 
     /// The merchant's offers, most recently updated first.
     pub async fn list(&self, merchant: &Merchant) -> Result<Vec<Offer>, OfferError> {
-        let mut offers: Vec<Offer> = self
-            .store
-            .load_offers()
-            .await?
-            .into_iter()
-            .filter(|o| o.merchant_id == merchant.merchant_id)
-            .collect();
-        offers.sort_by_key(|o| std::cmp::Reverse(o.updated_at));
-        Ok(offers)
+        Ok(self.store.offers_of(merchant.merchant_id).await?)
     }
 
     /// Deletes one of the merchant's offers.
@@ -490,21 +482,27 @@ impl Offers {
             .filter(|m| m.revoked_at.is_some())
             .map(|m| m.merchant_id)
             .collect();
-        let offers = self
+        let offers: Vec<Offer> = self
             .store
             .load_offers()
             .await?
             .into_iter()
             .filter(|o| !revoked.contains(&o.merchant_id))
             .collect();
-        let since = self.clock.now().minus(crate::caps::DAY);
-        let sent: Vec<(OfferId, Timestamp)> = self
-            .store
-            .load_notifications(since)
-            .await?
-            .into_iter()
-            .map(|n| (n.offer_id, n.sent_at))
-            .collect();
+        // Send histories are needed only for offers the index does not track yet (made
+        // elsewhere, or at start); tracked ones keep theirs. Usually there are none.
+        let sent: Vec<(OfferId, Timestamp)> =
+            if offers.iter().all(|o| self.index.get(&o.offer_id).is_some()) {
+                Vec::new()
+            } else {
+                let since = self.clock.now().minus(crate::caps::DAY);
+                self.store
+                    .load_notifications(since)
+                    .await?
+                    .into_iter()
+                    .map(|n| (n.offer_id, n.sent_at))
+                    .collect()
+            };
         self.index.replace_all(offers, &sent, generation);
         Ok(())
     }

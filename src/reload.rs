@@ -36,7 +36,7 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Loads and validates the config.
     pub fn load(&self) -> Result<Settings, ConfigError> {
-        let config = Config::load(self.path.as_deref(), std::env::vars(), &self.flags)?;
+        let config = Config::read(self.path.as_deref(), std::env::vars(), &self.flags)?;
         Settings::new(config)
     }
 }

@@ -275,6 +275,13 @@ impl Store {
         }
     }
 
+    /// One merchant's offers, most recently updated first.
+    pub async fn offers_of(&self, merchant: MerchantId) -> Result<Vec<Offer>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.offers_of(merchant).await,
+        }
+    }
+
     /// One merchant, revoked or not.
     pub async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
         match &*self.backend {
@@ -303,10 +310,21 @@ impl Store {
         }
     }
 
-    /// The ledger, oldest first.
-    pub async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
+    /// Ledger entries of buckets starting in `[start, end)`, oldest first.
+    pub async fn ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.ledger().await,
+            Backend::Sqlite(s) => s.ledger(start, end).await,
+        }
+    }
+
+    /// Start of the newest released bucket, if any.
+    pub async fn last_release(&self) -> Result<Option<Timestamp>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.last_release().await,
         }
     }
 

@@ -203,7 +203,7 @@ async fn privacy_policy_is_generated_from_the_live_config() {
 }
 
 #[tokio::test]
-async fn many_concurrent_writes_share_commits() {
+async fn many_concurrent_writes_are_all_stored() {
     let server = TestServer::start("", Arc::new(SystemClock)).await;
     let ch = server.channel().await;
     let mut tasks = tokio::task::JoinSet::new();

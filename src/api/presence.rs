@@ -86,17 +86,13 @@ impl PresenceApi {
         if !(-840..=840).contains(&req.utc_offset_minutes) {
             v.add("utc_offset_minutes", "must be between -840 and 840");
         }
-        v.finish()?;
-        match (cell, observed_at) {
-            (Some(cell), Some(observed_at)) => Ok(Report {
-                device: self.pseudonyms.device_id(&req.device_token),
-                cell,
-                observed_at,
-                utc_offset_minutes: req.utc_offset_minutes,
-            }),
-            // Unwrap safety is not needed: finish() returned Err if either was None.
-            _ => Err(ApiError::field("cell", "invalid")),
-        }
+        let (cell, observed_at) = v.finish_with(cell.zip(observed_at))?;
+        Ok(Report {
+            device: self.pseudonyms.device_id(&req.device_token),
+            cell,
+            observed_at,
+            utc_offset_minutes: req.utc_offset_minutes,
+        })
     }
 
     /// Decides one report now (in order) and returns the reply once it is durable.
@@ -237,10 +233,7 @@ impl PresenceService for PresenceApi {
                 None
             }
         };
-        v.finish()?;
-        let (Ok(offer_id), Some(action)) = (offer_id, action) else {
-            return Err(ApiError::field("action", "invalid").into());
-        };
+        let (offer_id, action) = v.finish_with(offer_id.ok().zip(action))?;
         let device = self.pseudonyms.device_id(&req.device_token);
         self.presence
             .feedback(device, offer_id, action)

@@ -29,6 +29,14 @@ impl Violations {
         }
     }
 
+    /// `Ok(values)` when no violation was recorded. A parser yields `None` only after
+    /// recording a violation, so with none recorded every value is present.
+    pub fn finish_with<T>(self, values: Option<T>) -> Result<T, ApiError> {
+        self.finish()?;
+        // Unwrap safety: see above — a missing value always comes with a violation.
+        Ok(values.expect("a value that failed to parse recorded a violation"))
+    }
+
     /// Checks a device token: 16-128 characters of `[A-Za-z0-9._~-]`.
     pub fn device_token(&mut self, field: &str, token: &str) {
         if token.is_empty() {

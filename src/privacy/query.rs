@@ -156,7 +156,7 @@ async fn answer(
     let all: Vec<u64> = groups.iter().flat_map(|(_, m)| m.iter().copied()).collect();
     let released = store.released(&all, start, end).await?;
     let ledger: HashMap<i64, (Mechanism, f64)> = store
-        .ledger()
+        .ledger(start, end)
         .await?
         .into_iter()
         .map(|e| {

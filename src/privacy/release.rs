@@ -96,9 +96,9 @@ impl Insights {
 
     /// Loads the watermark from the ledger and the domain from the merchants.
     pub async fn load(&self) -> Result<(), StoreError> {
-        if let Some(last) = self.store.ledger().await?.last() {
+        if let Some(last) = self.store.last_release().await? {
             self.released_through
-                .fetch_max(last.bucket.millis(), Ordering::SeqCst);
+                .fetch_max(last.millis(), Ordering::SeqCst);
         }
         self.refresh_domain().await
     }

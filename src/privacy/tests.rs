@@ -194,7 +194,11 @@ async fn releases_cover_the_domain_exactly_once_and_delete_raw_contributions() {
     // Twice, and a direct retry: nothing more.
     assert_eq!(r.insights.release_due().await.unwrap().released, 0);
     assert!(!r.insights.release(Timestamp(T0)).await.unwrap());
-    let ledger = r.store.ledger().await.unwrap();
+    let ledger = r
+        .store
+        .ledger(Timestamp(i64::MIN), Timestamp(i64::MAX))
+        .await
+        .unwrap();
     assert_eq!(ledger.len(), 1);
     assert_eq!(ledger[0].cells, 38);
     assert_eq!(ledger[0].mechanism, "discrete_gaussian");

@@ -55,3 +55,83 @@ pub(crate) async fn run<W: BatchWriter>(mut writer: W, mut rx: mpsc::Receiver<Pe
         batch.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::clock::Timestamp;
+
+    /// Records the size of every batch it is handed; fails when told to.
+    struct Recorder {
+        batches: Arc<Mutex<Vec<usize>>>,
+        fail: bool,
+    }
+
+    impl BatchWriter for Recorder {
+        async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteResult>, StoreError> {
+            self.batches.lock().unwrap().push(ops.len());
+            if self.fail {
+                return Err(StoreError::Unavailable("disk full".into()));
+            }
+            Ok(ops.iter().map(|_| WriteResult::Done).collect())
+        }
+    }
+
+    async fn run_queued(
+        n: usize,
+        fail: bool,
+    ) -> (Vec<usize>, Vec<Result<WriteResult, StoreError>>) {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let mut replies = Vec::new();
+        for _ in 0..n {
+            let (reply, done) = oneshot::channel();
+            let op = WriteOp::ExpireIdle {
+                cutoff: Timestamp(0),
+            };
+            tx.send(Pending { op, reply }).await.unwrap();
+            replies.push(done);
+        }
+        drop(tx);
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        run(
+            Recorder {
+                batches: batches.clone(),
+                fail,
+            },
+            rx,
+        )
+        .await;
+        let mut out = Vec::new();
+        for r in replies {
+            out.push(r.await.unwrap());
+        }
+        let b = batches.lock().unwrap().clone();
+        (b, out)
+    }
+
+    #[tokio::test]
+    async fn queued_writes_share_one_transaction() {
+        let (batches, results) = run_queued(300, false).await;
+        assert_eq!(batches, vec![300], "one transaction for everything queued");
+        assert!(results.iter().all(|r| matches!(r, Ok(WriteResult::Done))));
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_every_caller_in_it() {
+        let (batches, results) = run_queued(5, true).await;
+        assert_eq!(batches, vec![5]);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Unavailable(_))))
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped() {
+        let (batches, _) = run_queued(MAX_BATCH + 10, false).await;
+        assert_eq!(batches, vec![MAX_BATCH, 10]);
+    }
+}

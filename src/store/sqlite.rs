@@ -264,6 +264,20 @@ impl SqliteStore {
         .collect()
     }
 
+    pub(crate) async fn offers_of(&self, merchant: MerchantId) -> Result<Vec<Offer>, StoreError> {
+        sqlx::query(
+            "SELECT offer_id, merchant_id, title, body, cell, radius_k, valid_from, valid_until,
+                    max_per_day, opening_hours, updated_at
+             FROM offers WHERE merchant_id = ? ORDER BY updated_at DESC",
+        )
+        .bind(merchant.to_string())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(offer_from_row)
+        .collect()
+    }
+
     pub(crate) async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
         let Some(row) = sqlx::query(
             "SELECT merchant_id, name, key_hash, created_at, revoked_at FROM merchants
@@ -335,8 +349,21 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(crate) async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
-        sqlx::query("SELECT * FROM ledger ORDER BY bucket")
+    pub(crate) async fn last_release(&self) -> Result<Option<Timestamp>, StoreError> {
+        let row = sqlx::query("SELECT MAX(bucket) AS b FROM ledger")
+            .fetch_one(&self.readers)
+            .await?;
+        opt_ts(&row, "b")
+    }
+
+    pub(crate) async fn ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        sqlx::query("SELECT * FROM ledger WHERE bucket >= ? AND bucket < ? ORDER BY bucket")
+            .bind(start.millis())
+            .bind(end.millis())
             .fetch_all(&self.readers)
             .await?
             .iter()
