@@ -23,6 +23,16 @@ fn ts(ms: i64) -> prost_types::Timestamp {
     }
 }
 
+/// A query for `cells` over the day starting at T0.
+fn day_of(cells: Vec<u64>, granularity: pb::Granularity) -> pb::GetFootTrafficRequest {
+    pb::GetFootTrafficRequest {
+        cells,
+        start: Some(ts(T0)),
+        end: Some(ts(T0 + 86_400_000)),
+        granularity: granularity as i32,
+    }
+}
+
 #[tokio::test]
 async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     let (clock, shared) = manual_clock(T0);
@@ -106,12 +116,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     );
 
     let hour = merchant_client(ch.clone(), Some(&key_a))
-        .get_foot_traffic(pb::GetFootTrafficRequest {
-            cells: vec![here.into()],
-            start: Some(ts(T0)),
-            end: Some(ts(T0 + 86_400_000)),
-            granularity: pb::Granularity::Hour as i32,
-        })
+        .get_foot_traffic(day_of(vec![here.into()], pb::Granularity::Hour))
         .await
         .unwrap()
         .into_inner();
@@ -131,12 +136,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     // A coarser area and a day total are sums of released values, with wider intervals.
     let parent = here.parent(h3o::Resolution::Seven).unwrap();
     let day = merchant_client(ch.clone(), Some(&key_a))
-        .get_foot_traffic(pb::GetFootTrafficRequest {
-            cells: vec![parent.into()],
-            start: Some(ts(T0)),
-            end: Some(ts(T0 + 86_400_000)),
-            granularity: pb::Granularity::Day as i32,
-        })
+        .get_foot_traffic(day_of(vec![parent.into()], pb::Granularity::Day))
         .await
         .unwrap()
         .into_inner();
@@ -147,12 +147,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
 
     // Outside the merchant's area: PERMISSION_DENIED.
     let err = merchant_client(ch.clone(), Some(&key_a))
-        .get_foot_traffic(pb::GetFootTrafficRequest {
-            cells: vec![elsewhere.into()],
-            start: Some(ts(T0)),
-            end: Some(ts(T0 + 86_400_000)),
-            granularity: pb::Granularity::Hour as i32,
-        })
+        .get_foot_traffic(day_of(vec![elsewhere.into()], pb::Granularity::Hour))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
