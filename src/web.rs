@@ -95,6 +95,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
+    // Healthy means the store can both answer reads and take writes (as grpc.health.v1 says).
+    if !state.deps.store.is_writable() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store cannot write\n");
+    }
     match state.deps.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n"),
         Err(e) => {
