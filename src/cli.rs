@@ -282,7 +282,7 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let grpc_addr = settings.config.server.grpc_listen;
         let http_addr = settings.config.server.http_listen;
         let grpc = tokio::net::TcpListener::bind(grpc_addr)
@@ -310,7 +310,10 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         // A stable line on stdout that scripts and tests can wait for.
         println!("hexveil listening grpc={} http={}", bound.grpc, bound.http);
         server::run(app, source, grpc, http, server::shutdown_signal()).await
-    })
+    });
+    // Dropping a runtime waits for every blocking task; a stop must not (see server::run).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn print_demo(city: &crate::demo::DemoCity, http: std::net::SocketAddr) {

@@ -35,4 +35,5 @@ pub mod server;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 pub mod web;

@@ -242,8 +242,13 @@ impl Reloader {
                 () = &mut shutdown => break,
             };
             let this = self.clone();
-            // Reading and validating is blocking work (file I/O, accounting).
-            let _ = tokio::task::spawn_blocking(move || this.reload(trigger)).await;
+            // Reading and validating is blocking work (file I/O, accounting). Validation is
+            // bounded (every value has a range), but shutdown never waits on it regardless.
+            let reload = tokio::task::spawn_blocking(move || this.reload(trigger));
+            tokio::select! {
+                _ = reload => {}
+                () = &mut shutdown => break,
+            }
         }
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::pb::consent_service_server::ConsentServiceServer;
 use crate::api::pb::merchant_service_server::MerchantServiceServer;
@@ -29,6 +28,7 @@ use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
 use crate::reload::{ConfigSource, Reloader};
 use crate::settings::{LiveSettings, Settings};
 use crate::store::Store;
+use crate::transport::{Limits, ShedLayer, TrackLayer};
 
 /// How often idle devices are looked for.
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -214,22 +214,42 @@ pub async fn run(
         MerchantAuthLayer::new(app.store.clone(), app.settings.clone(), app.clock.clone());
     let merchant = tower::ServiceBuilder::new()
         .layer(merchant_auth.clone())
-        .service(MerchantServiceServer::new(MerchantApi::new(
-            app.offers.clone(),
-            app.store.clone(),
-            app.settings.clone(),
-        )));
-    let grpc_server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .service(
+            MerchantServiceServer::new(MerchantApi::new(
+                app.offers.clone(),
+                app.store.clone(),
+                app.settings.clone(),
+            ))
+            .max_decoding_message_size(
+                app.settings
+                    .current()
+                    .config
+                    .server
+                    .max_merchant_message_bytes as usize,
+            ),
+        );
+    // Transport bounds are read once, like the listen addresses (a reload keeps them).
+    let server_config = app.settings.current().config.server.clone();
+    let limits = Limits::from_config(&server_config);
+    let device_max = server_config.max_device_message_bytes as usize;
+    let grpc_server = limits
+        .grpc_server()
+        .layer(TrackLayer)
         .layer(GrpcMetricsLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ConsentServiceServer::new(consent))
-        .add_service(TransparencyServiceServer::new(transparency))
-        .add_service(PresenceServiceServer::new(presence))
+        .layer(ShedLayer::new(limits.max_in_flight))
+        .add_service(health_service.max_decoding_message_size(device_max))
+        .add_service(reflection_v1.max_decoding_message_size(device_max))
+        .add_service(reflection_v1alpha.max_decoding_message_size(device_max))
+        .add_service(ConsentServiceServer::new(consent).max_decoding_message_size(device_max))
+        .add_service(
+            TransparencyServiceServer::new(transparency).max_decoding_message_size(device_max),
+        )
+        .add_service(PresenceServiceServer::new(presence).max_decoding_message_size(device_max))
         .add_service(merchant)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            crate::transport::incoming(grpc, limits),
+            stopped(stop_rx.clone()),
+        );
 
     let web = crate::web::router(crate::web::WebDeps {
         store: app.store.clone(),
@@ -238,7 +258,10 @@ pub async fn run(
         offers: app.offers.clone(),
         auth: merchant_auth,
     });
-    let http_server = axum::serve(http, web).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = async {
+        crate::transport::serve_http(http, web, limits, stopped(stop_rx.clone())).await;
+        anyhow::Ok(())
+    };
 
     let mut jobs = tokio::task::JoinSet::new();
     {
@@ -345,7 +368,16 @@ pub async fn run(
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "clients kept connections open; closing them");
         }
     }
-    while jobs.join_next().await.is_some() {}
+    // Jobs stop at the signal; one stuck in a store call must not hold the process past the
+    // drain timeout, so what is left after another drain period is cancelled.
+    let joined = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("background jobs did not stop in time; cancelling them");
+        jobs.abort_all();
+    }
     tracing::info!("stopped");
     Ok(())
 }

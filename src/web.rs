@@ -67,11 +67,41 @@ pub fn router(deps: WebDeps) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .nest("/api/v1", api::routes())
+        // Merchant data in API answers must not sit in any cache, shared or private.
+        .nest(
+            "/api/v1",
+            api::routes().layer(axum::middleware::map_response(no_store)),
+        )
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(WebState {
             deps,
             prometheus: crate::telemetry::prometheus(),
         })
+}
+
+/// Headers every response carries, whichever route (or none) produced it: no content-type
+/// sniffing, no referrer, and — unless the route set its own — the page policy, which is
+/// harmless on non-HTML answers and protects an error page rendered as HTML by mistake.
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(CSP));
+    res
+}
+
+/// `Cache-Control: no-store` on the JSON API's answers.
+async fn no_store(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

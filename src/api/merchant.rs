@@ -167,6 +167,9 @@ impl MerchantApi {
     }
 }
 
+/// Most opening-hours entries on one offer (four windows on each day of the week).
+pub const OPENING_HOURS_MAX: usize = 28;
+
 fn timestamp(v: &mut Violations, field: &str, ts: &Option<prost_types::Timestamp>) -> Timestamp {
     match ts {
         None => {
@@ -206,6 +209,13 @@ fn offer_from_wire(o: Option<pb::Offer>) -> Result<Offer, ApiError> {
     let valid_from = timestamp(&mut v, "offer.valid_from", &o.valid_from);
     let valid_until = timestamp(&mut v, "offer.valid_until", &o.valid_until);
     let mut opening_hours = Vec::new();
+    if o.opening_hours.len() > OPENING_HOURS_MAX {
+        // Refused as a whole, before looking at any entry.
+        return Err(ApiError::field(
+            "offer.opening_hours",
+            format!("at most {OPENING_HOURS_MAX} entries"),
+        ));
+    }
     for (i, h) in o.opening_hours.iter().enumerate() {
         match crate::offers::opening_hours(h.weekday, &h.open, &h.close) {
             Ok(h) => opening_hours.push(h),

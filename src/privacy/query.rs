@@ -19,6 +19,8 @@ use super::release::mechanism_of;
 
 /// Most cells in one query.
 pub const MAX_CELLS: usize = 500;
+/// Most released cells one query may cover, all query cells' children together.
+pub const MAX_MEMBERS: u64 = 50_000;
 /// Longest time range in one query.
 pub const MAX_RANGE_DAYS: i64 = 400;
 
@@ -72,6 +74,16 @@ fn members(cell: u64, config: &Config, i: usize) -> Result<Vec<u64>, QueryError>
             ),
         ));
     }
+    // Checked before expanding: a resolution-0 cell stands for millions of released cells.
+    if u8::from(c.resolution()) < config.insights.min_query_resolution {
+        return Err(invalid(
+            format!("cells[{i}]"),
+            format!(
+                "coarser than insights.min_query_resolution ({}); query finer cells",
+                config.insights.min_query_resolution
+            ),
+        ));
+    }
     Ok(c.children(r).map(u64::from).collect())
 }
 
@@ -101,8 +113,18 @@ pub async fn foot_traffic(
         InsightsScope::All => None,
     };
     let mut groups = Vec::with_capacity(cells_in.len());
+    let mut covered = 0_u64;
     for (i, cell) in cells_in.iter().enumerate() {
         let m = members(*cell, config, i)?;
+        covered += m.len() as u64;
+        if covered > MAX_MEMBERS {
+            return Err(invalid(
+                "cells",
+                format!(
+                    "the cells cover more than {MAX_MEMBERS} released cells; query fewer or finer cells"
+                ),
+            ));
+        }
         if let Some(area) = &area
             && m.iter().any(|c| !area.contains(c))
         {
