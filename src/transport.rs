@@ -130,6 +130,17 @@ impl Drop for InFlight {
     }
 }
 
+/// When a connection with `in_flight` requests, idle since `idle_since`, may be closed: never
+/// while a request is in flight (so, a timeout from now), else a timeout after the last one.
+fn idle_deadline_ms(in_flight: usize, idle_since: u64, now: u64, timeout: Duration) -> u64 {
+    let timeout = timeout.as_millis() as u64;
+    if in_flight > 0 {
+        now + timeout
+    } else {
+        idle_since + timeout
+    }
+}
+
 /// What tonic puts in each request's extensions about its connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -174,11 +185,12 @@ impl Tracked {
             ready!(self.idle.as_mut().poll(cx));
             let activity = &self.info.activity;
             let now = now_ms();
-            let deadline = if activity.in_flight.load(Ordering::SeqCst) > 0 {
-                now + self.idle_timeout.as_millis() as u64
-            } else {
-                activity.idle_since_ms.load(Ordering::SeqCst) + self.idle_timeout.as_millis() as u64
-            };
+            let deadline = idle_deadline_ms(
+                activity.in_flight.load(Ordering::SeqCst),
+                activity.idle_since_ms.load(Ordering::SeqCst),
+                now,
+                self.idle_timeout,
+            );
             if deadline <= now {
                 return Poll::Ready(());
             }
@@ -495,6 +507,7 @@ pub async fn serve_http(
         .max_pending_accept_reset_streams(MAX_RESET_STREAMS)
         .max_local_error_reset_streams(MAX_RESET_STREAMS);
     let builder = Arc::new(builder);
+    let shed = HttpShed::new(router, limits.max_in_flight);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     // `stop` tells connections to finish; `open` counts them (its receivers).
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -506,7 +519,7 @@ pub async fn serve_http(
             () = &mut shutdown => break,
         };
         let service = HttpConn {
-            router: router.clone(),
+            shed: shed.clone(),
             activity: conn.info.activity.clone(),
         };
         let builder = builder.clone();
@@ -542,10 +555,76 @@ pub async fn serve_http(
     open_tx.closed().await;
 }
 
-/// The router as one connection's service: counts requests in flight on the connection.
+/// Paths never shed: health for load balancers, metrics for whoever watches the overload.
+const HTTP_NEVER_SHED: [&str; 2] = ["/healthz", "/metrics"];
+
+/// The router behind tower's `GlobalConcurrencyLimit` + `LoadShed`: past `max_in_flight`
+/// requests (over all connections) a request is answered 503 at once.
+#[derive(Clone)]
+struct HttpShed {
+    router: axum::Router,
+    limited: LoadShed<tower::limit::ConcurrencyLimit<axum::Router>>,
+}
+
+impl HttpShed {
+    fn new(router: axum::Router, max_in_flight: usize) -> HttpShed {
+        HttpShed {
+            limited: LoadShed::new(
+                GlobalConcurrencyLimitLayer::new(max_in_flight).layer(router.clone()),
+            ),
+            router,
+        }
+    }
+
+    async fn call<B>(self, req: http::Request<B>) -> http::Response<axum::body::Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if HTTP_NEVER_SHED.contains(&req.uri().path()) {
+            let Ok(res) = self.router.oneshot(req).await;
+            return res;
+        }
+        match self.limited.oneshot(req).await {
+            Ok(res) => res,
+            Err(e) => {
+                if !e.is::<Overloaded>() {
+                    tracing::error!(error = %e, "unexpected error from the load shedder");
+                }
+                metrics::counter!("hexveil_http_shed_total").increment(1);
+                // Built here, outside the router, so the router's headers are set by hand.
+                let mut res = http::Response::new(axum::body::Body::from(
+                    "the server is at capacity; retry shortly\n",
+                ));
+                *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                let h = res.headers_mut();
+                h.insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                h.insert(
+                    http::header::X_CONTENT_TYPE_OPTIONS,
+                    http::HeaderValue::from_static("nosniff"),
+                );
+                h.insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                res
+            }
+        }
+    }
+}
+
+/// The router as one connection's service: sheds past capacity and counts requests in
+/// flight on the connection.
 #[derive(Clone)]
 struct HttpConn {
-    router: axum::Router,
+    shed: HttpShed,
     activity: Arc<Activity>,
 }
 
@@ -564,9 +643,9 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let guard = self.activity.start();
-        let router = self.router.clone();
+        let shed = self.shed.clone();
         Box::pin(async move {
-            let res = router.oneshot(req).await?;
+            let res = shed.call(req).await;
             Ok(res.map(|inner| {
                 axum::body::Body::new(Guarded {
                     inner,
@@ -574,5 +653,64 @@ where
                 })
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str) -> http::Request<axum::body::Body> {
+        http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn http_requests_past_capacity_are_shed_but_health_is_not() {
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+        let entered = Arc::new(std::sync::Mutex::new(Some(entered_tx)));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let held = release.clone();
+        let router = axum::Router::new()
+            .route(
+                "/slow",
+                axum::routing::get(move || {
+                    let (entered, held) = (entered.clone(), held.clone());
+                    async move {
+                        if let Some(tx) = entered.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        held.notified().await;
+                        "done"
+                    }
+                }),
+            )
+            .route("/fast", axum::routing::get(|| async { "fast" }))
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+        let shed = HttpShed::new(router, 1);
+        let slow = tokio::spawn(shed.clone().call(get("/slow")));
+        entered_rx.await.unwrap();
+
+        let refused = shed.clone().call(get("/fast")).await;
+        assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[http::header::RETRY_AFTER], "1");
+        let health = shed.clone().call(get("/healthz")).await;
+        assert_eq!(health.status(), http::StatusCode::OK);
+
+        release.notify_one();
+        assert_eq!(slow.await.unwrap().status(), http::StatusCode::OK);
+        let fast = shed.clone().call(get("/fast")).await;
+        assert_eq!(fast.status(), http::StatusCode::OK);
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_without_requests_in_flight() {
+        let timeout = Duration::from_secs(10);
+        // A request in flight pushes the deadline out, however long it runs.
+        assert_eq!(idle_deadline_ms(1, 0, 30_000, timeout), 40_000);
+        // Without one, the deadline counts from when the last one ended.
+        assert_eq!(idle_deadline_ms(0, 25_000, 30_000, timeout), 35_000);
+        assert_eq!(idle_deadline_ms(0, 0, 30_000, timeout), 10_000);
     }
 }

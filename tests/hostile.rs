@@ -724,3 +724,152 @@ async fn past_capacity_calls_are_shed_and_health_answers_fast() {
         );
     }
 }
+
+// --- transport details: descriptors, headers -------------------------------------------------
+
+/// CPU time (user + system) a process has used, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux reports in USER_HZ, 100 on every platform hexveil runs on.
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    // How many descriptors the server needs on its own, then a limit just above that.
+    let probe = BinServer::spawn(dir.path(), &[]);
+    let in_use = std::fs::read_dir(format!("/proc/{}/fd", probe.child.id()))
+        .unwrap()
+        .count();
+    drop(probe);
+    let limit = in_use + 8;
+    let store = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_hexveil"))
+        .args([
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--store",
+            &store,
+            "--data-dir",
+            &dir.path().display().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("emfile.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("hexveil listening")))
+        .expect("listening line");
+    std::thread::spawn(move || for _ in lines {});
+    let grpc: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = child.id();
+
+    // Far more connections than descriptors left: the kernel queues them, accept() fails.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(TcpStream::connect(grpc).await.unwrap());
+    }
+    let before = cpu_time(pid);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(pid) - before;
+    eprintln!(
+        "out of descriptors (limit {limit}): {used:?} CPU in {:?}",
+        started.elapsed()
+    );
+    // Spinning on accept() costs a whole core: ~2 s of CPU here.
+    assert!(used < Duration::from_millis(500), "{used:?} of CPU in 2 s");
+    let log = std::fs::read_to_string(dir.path().join("emfile.log")).unwrap();
+    assert!(
+        log.contains("accept failed"),
+        "the limit was never reached: {log}"
+    );
+
+    // Descriptors back: the server serves again.
+    drop(idle);
+    let ch = connect(grpc).await;
+    let started = Instant::now();
+    loop {
+        let answered = transparency_client(ch.clone())
+            .get_privacy_policy(pb::GetPrivacyPolicyRequest {})
+            .await;
+        if answered.is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{answered:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// GET `path` over HTTP/1 (with `authorization` if given): status and headers, lower-cased.
+async fn http_head(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let head = text.split("\r\n\r\n").next().unwrap().to_lowercase();
+    (text[9..12].parse().unwrap(), head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_response_carries_its_security_headers() {
+    let server = TestServer::start("", Arc::new(SystemClock)).await;
+    let here = h3o::LatLng::new(59.33, 18.07)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let (_, key) =
+        hexveil::merchants::add(&server.app.store, "A", vec![here.into()], 8, Timestamp(0))
+            .await
+            .unwrap();
+    for (path, key, status) in [
+        ("/", None, 200),
+        ("/assets/app.js", None, 200),
+        ("/healthz", None, 200),
+        ("/metrics", None, 200),
+        ("/no-such-page", None, 404),
+        ("/api/v1/me", None, 401),
+        ("/api/v1/me", Some(key.as_str()), 200),
+        ("/api/v1/privacy", Some(key.as_str()), 200),
+    ] {
+        let (got, head) = http_head(server.http, path, key).await;
+        assert_eq!(got, status, "{path}: {head}");
+        assert!(
+            head.contains("x-content-type-options: nosniff"),
+            "{path}: {head}"
+        );
+        assert!(head.contains("content-security-policy: "), "{path}: {head}");
+        if path.starts_with("/api/v1/") {
+            assert!(head.contains("cache-control: no-store"), "{path}: {head}");
+        }
+    }
+}
