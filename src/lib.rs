@@ -10,7 +10,8 @@
 //! - underneath, importing nothing above them: [`config`], [`settings`], [`clock`],
 //!   [`cells`], [`pseudonym`], [`model`], [`privacy`].
 //!
-//! [`server`] wires the layers to listeners and background jobs; [`cli`] is the command line;
+//! [`server`] wires the layers to listeners and background jobs, within the bounds of
+//! [`transport`] (connections, streams, idle time, load shedding); [`cli`] is the command line;
 //! [`demo`] seeds the synthetic city of `hexveil serve --demo` through the real paths.
 //! See `ARCHITECTURE.md` for the invariants each module keeps.
 

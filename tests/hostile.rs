@@ -677,7 +677,7 @@ async fn past_capacity_calls_are_shed_and_health_answers_fast() {
         })
     };
     let load = futures_util::future::join_all((0..16).map(|_| {
-        let policy = policy.clone();
+        let policy = &policy;
         async move {
             let (mut ok, mut shed) = (0, 0);
             let mut slowest_shed = Duration::ZERO;
