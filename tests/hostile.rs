@@ -384,6 +384,39 @@ async fn a_resolution_0_cell_is_refused_in_milliseconds() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_query_cannot_ask_for_a_huge_answer() {
+    let server = TestServer::start("", Arc::new(SystemClock)).await;
+    let here = h3o::LatLng::new(59.33, 18.07)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let (_, key) =
+        hexveil::merchants::add(&server.app.store, "A", vec![here.into()], 8, Timestamp(0))
+            .await
+            .unwrap();
+    let mut client = merchant_client(server.channel().await, Some(&key));
+    let query = |copies: usize, days: i64| pb::GetFootTrafficRequest {
+        cells: vec![here.into(); copies],
+        start: Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: 0,
+        }),
+        end: Some(prost_types::Timestamp {
+            seconds: days * 86_400,
+            nanos: 0,
+        }),
+        granularity: pb::Granularity::Hour as i32,
+    };
+    // 500 copies of one cell over 400 days of hours: 4.8 million points asked for in 5 KB.
+    let err = client.get_foot_traffic(query(500, 400)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let fields = err.get_details_bad_request().unwrap().field_violations;
+    assert_eq!(fields[0].field, "end");
+    // A year of one cell, or a day of 500, is an ordinary query.
+    client.get_foot_traffic(query(1, 365)).await.unwrap();
+    client.get_foot_traffic(query(500, 1)).await.unwrap();
+}
+
 // --- 5. undecodable requests -----------------------------------------------------------------
 
 /// Sends raw bytes as the message, reads raw bytes back.

@@ -21,6 +21,9 @@ use super::release::mechanism_of;
 pub const MAX_CELLS: usize = 500;
 /// Most released cells one query may cover, all query cells' children together.
 pub const MAX_MEMBERS: u64 = 50_000;
+/// Most points (series × periods) one answer may hold: a 5 KB request must not ask for a
+/// 300 MB answer (500 copies of one cell over 400 days of hours).
+pub const MAX_POINTS: u64 = 100_000;
 /// Longest time range in one query.
 pub const MAX_RANGE_DAYS: i64 = 400;
 
@@ -108,6 +111,7 @@ pub async fn foot_traffic(
         ));
     }
     check_range(start, end)?;
+    check_points(cells_in.len(), config, start, end, granularity)?;
     let area: Option<BTreeSet<u64>> = match config.insights.scope {
         InsightsScope::OwnArea => Some(domain::merchant_area(merchant, config)),
         InsightsScope::All => None,
@@ -146,10 +150,37 @@ pub async fn area_total(
     granularity: Granularity,
 ) -> Result<Vec<Point>, QueryError> {
     check_range(start, end)?;
+    check_points(1, &settings.config, start, end, granularity)?;
     let area: Vec<u64> = domain::merchant_area(merchant, &settings.config)
         .into_iter()
         .collect();
     answer(store, settings, vec![(0, area)], start, end, granularity).await
+}
+
+/// Refuses a query whose answer could hold more than [`MAX_POINTS`] points, before any read.
+fn check_points(
+    series: usize,
+    config: &Config,
+    start: Timestamp,
+    end: Timestamp,
+    granularity: Granularity,
+) -> Result<(), QueryError> {
+    let period_ms = match granularity {
+        Granularity::Hour => config.insights.bucket.as_secs().max(1) * 1000,
+        Granularity::Day => 86_400_000,
+    };
+    let span = u64::try_from(end.millis() - start.millis()).unwrap_or(0);
+    let points = (series as u64).saturating_mul(span.div_ceil(period_ms));
+    if points > MAX_POINTS {
+        return Err(invalid(
+            "end",
+            format!(
+                "the answer could hold {points} points (cells × periods), more than {MAX_POINTS}; \
+                 shorten the range, ask for days, or query fewer cells"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
