@@ -94,8 +94,9 @@ pub struct ServerConfig {
     /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); a client
     /// that opens more has the excess refused with REFUSED_STREAM.
     pub max_concurrent_streams: u32,
-    /// gRPC calls being handled at once, over all connections; beyond it a call is shed at
-    /// once with RESOURCE_EXHAUSTED (grpc.health is never shed).
+    /// Requests being handled at once per listener, over all its connections; beyond it a
+    /// request is shed at once: RESOURCE_EXHAUSTED on gRPC, 503 on HTTP (grpc.health,
+    /// `/healthz` and `/metrics` are never shed).
     pub max_in_flight: u32,
     /// A gRPC handler that has not answered after this long is cancelled.
     pub request_timeout: Dur,
