@@ -621,10 +621,20 @@ async fn a_tiny_rho_by_hot_reload_is_refused_audited_and_the_server_still_reload
         refused[0]
     );
 
-    // The reloader is not stuck: a valid edit applies.
-    config_file(dir.path(), "[caps]\nper_device_per_day = 2\n");
+    // The reloader is not stuck: a valid edit applies (a transport bound waits for a restart,
+    // and the audit says so).
+    config_file(
+        dir.path(),
+        "[server]\nmax_in_flight = 7\n[caps]\nper_device_per_day = 2\n",
+    );
     let accepted = audit_lines(dir.path(), 2).await;
     assert!(accepted[1].contains("\"accepted\""), "{}", accepted[1]);
+    let entry: serde_json::Value = serde_json::from_str(&accepted[1]).unwrap();
+    assert_eq!(
+        entry["restart_needed_for"],
+        serde_json::json!(["server.max_in_flight"]),
+        "{entry}"
+    );
     let cap = transparency_client(ch)
         .get_privacy_policy(pb::GetPrivacyPolicyRequest {})
         .await
