@@ -687,9 +687,9 @@ async fn past_capacity_calls_are_shed_and_health_answers_fast() {
     loop {
         match policy().await {
             Err(s) if s.code() == Code::ResourceExhausted => break,
-            _ => assert!(
+            other => assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "calls not shed with the capacity taken"
+                "calls not shed with the capacity taken: {other:?}"
             ),
         }
     }
@@ -739,23 +739,10 @@ async fn past_capacity_calls_are_shed_and_health_answers_fast() {
         }
     }))
     .await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut latencies = prober.await.unwrap();
-    latencies.sort();
     let shed: usize = load.iter().map(|l| l.1).sum();
     let slowest_shed = load.iter().map(|l| l.2).max().unwrap();
-    let p95 = latencies[latencies.len() * 95 / 100];
-    let max = *latencies.last().unwrap();
-    eprintln!(
-        "1,600 calls past capacity: {shed} shed (slowest {slowest_shed:?}); {} health checks, p95 {p95:?}, max {max:?}",
-        latencies.len()
-    );
+    eprintln!("1,600 calls past capacity: {shed} shed (slowest {slowest_shed:?})");
     assert!(shed > 0, "nothing shed past capacity");
-    assert!(latencies.len() >= 5, "too few health checks to judge");
-    // 100 ms is the bar; the 95th percentile keeps one scheduler hiccup on a loaded CI
-    // machine from failing the test, and the maximum still has to stay near it.
-    assert!(p95 < Duration::from_millis(100), "health p95 {p95:?}");
-    assert!(max < Duration::from_secs(1), "health max {max:?}");
 
     // Capacity comes back when the stalled calls go away.
     drop(stalled);
@@ -766,6 +753,52 @@ async fn past_capacity_calls_are_shed_and_health_answers_fast() {
             "capacity not freed"
         );
     }
+
+    // Real work past capacity: 64 clients granting consent (a durable write each) against 8
+    // slots. Whether a given call overlaps others is up to the scheduler, so only the outcome
+    // is asserted — every call is answered or shed, nothing else — and the split is reported.
+    let outcomes = futures_util::future::join_all((0..64_u32).map(|client| {
+        let ch = ch.clone();
+        async move {
+            let (mut ok, mut shed) = (0, 0);
+            for n in 0..20 {
+                let token = token(client * 100 + n);
+                match consent_client(ch.clone())
+                    .set_consent(consent_request(&token, BOTH))
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(s) if s.code() == Code::ResourceExhausted => shed += 1,
+                    Err(s) => panic!("neither answered nor shed: {s:?}"),
+                }
+            }
+            (ok, shed)
+        }
+    }))
+    .await;
+    let (ok, shed) = outcomes
+        .iter()
+        .fold((0, 0), |(a, b), (ok, shed)| (a + ok, b + shed));
+    eprintln!(
+        "1,280 consent writes from 64 clients on {CAPACITY} slots: {ok} answered, {shed} shed"
+    );
+    assert_eq!(ok + shed, 64 * 20);
+
+    // Health answered fast throughout both overloads.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut latencies = prober.await.unwrap();
+    latencies.sort();
+    let p95 = latencies[latencies.len() * 95 / 100];
+    let max = *latencies.last().unwrap();
+    eprintln!(
+        "{} health checks under load: p95 {p95:?}, max {max:?}",
+        latencies.len()
+    );
+    assert!(latencies.len() >= 5, "too few health checks to judge");
+    // 100 ms is the bar; the 95th percentile keeps one scheduler hiccup on a loaded CI
+    // machine from failing the test, and the maximum still has to stay near it.
+    assert!(p95 < Duration::from_millis(100), "health p95 {p95:?}");
+    assert!(max < Duration::from_secs(1), "health max {max:?}");
 }
 
 // --- transport details: descriptors, headers -------------------------------------------------
