@@ -28,7 +28,7 @@ use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
 use crate::reload::{ConfigSource, Reloader};
 use crate::settings::{LiveSettings, Settings};
 use crate::store::Store;
-use crate::transport::{Limits, ShedLayer, TrackLayer};
+use crate::transport::{Limits, MAX_REPLY_BYTES, ShedLayer, TrackLayer};
 
 /// How often idle devices are looked for.
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -212,6 +212,10 @@ pub async fn run(
     // One auth layer for gRPC and the dashboard's JSON API: same keys, one rate limit per key.
     let merchant_auth =
         MerchantAuthLayer::new(app.store.clone(), app.settings.clone(), app.clock.clone());
+    // Transport bounds are read once, like the listen addresses (a reload keeps them).
+    let server_config = app.settings.current().config.server.clone();
+    let limits = Limits::from_config(&server_config);
+    let device_max = server_config.max_device_message_bytes as usize;
     let merchant = tower::ServiceBuilder::new()
         .layer(merchant_auth.clone())
         .service(
@@ -220,18 +224,9 @@ pub async fn run(
                 app.store.clone(),
                 app.settings.clone(),
             ))
-            .max_decoding_message_size(
-                app.settings
-                    .current()
-                    .config
-                    .server
-                    .max_merchant_message_bytes as usize,
-            ),
+            .max_decoding_message_size(server_config.max_merchant_message_bytes as usize)
+            .max_encoding_message_size(MAX_REPLY_BYTES),
         );
-    // Transport bounds are read once, like the listen addresses (a reload keeps them).
-    let server_config = app.settings.current().config.server.clone();
-    let limits = Limits::from_config(&server_config);
-    let device_max = server_config.max_device_message_bytes as usize;
     let grpc_server = limits
         .grpc_server()
         .layer(TrackLayer)
@@ -240,11 +235,21 @@ pub async fn run(
         .add_service(health_service.max_decoding_message_size(device_max))
         .add_service(reflection_v1.max_decoding_message_size(device_max))
         .add_service(reflection_v1alpha.max_decoding_message_size(device_max))
-        .add_service(ConsentServiceServer::new(consent).max_decoding_message_size(device_max))
         .add_service(
-            TransparencyServiceServer::new(transparency).max_decoding_message_size(device_max),
+            ConsentServiceServer::new(consent)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
         )
-        .add_service(PresenceServiceServer::new(presence).max_decoding_message_size(device_max))
+        .add_service(
+            TransparencyServiceServer::new(transparency)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
+        .add_service(
+            PresenceServiceServer::new(presence)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
         .add_service(merchant)
         .serve_with_incoming_shutdown(
             crate::transport::incoming(grpc, limits),

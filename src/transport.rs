@@ -47,6 +47,9 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// HTTP/2 streams a client may reset (or have reset) before its connection is closed; hyper's
 /// own default, set explicitly because tonic otherwise leaves it unlimited.
 const MAX_RESET_STREAMS: usize = 1024;
+/// Largest reply of a hexveil service: the biggest answer (a foot-traffic query at its
+/// 100,000-point cap) is about 5 MB, and a reply waiting for a slow reader stays in memory.
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
 /// The one gRPC service that is never shed: load balancers must be able to ask.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
