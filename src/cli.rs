@@ -108,6 +108,9 @@ pub struct ServeArgs {
     /// HTTP listen address (overrides server.http_listen).
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
+    /// Operator-only metrics listen address (overrides server.metrics_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Data directory (overrides store.data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -141,6 +144,7 @@ impl ServeArgs {
         flag("store.url", self.store.clone());
         flag("server.grpc_listen", self.grpc_listen.clone());
         flag("server.http_listen", self.http_listen.clone());
+        flag("server.metrics_listen", self.metrics_listen.clone());
         flag(
             "store.data_dir",
             self.data_dir.as_ref().map(|d| d.display().to_string()),
@@ -291,6 +295,11 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("server.http_listen: cannot listen on {http_addr}"))?;
+        let metrics_addr = settings.config.server.metrics_listen;
+        let metrics = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("server.metrics_listen: cannot listen on {metrics_addr}"))?;
+        let metrics_bound = metrics.local_addr()?;
         let bound = server::Bound {
             grpc: grpc.local_addr()?,
             http: http.local_addr()?,
@@ -306,10 +315,21 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         } else {
             App::open(settings, Arc::new(SystemClock)).await?
         };
-        tracing::info!(grpc = %bound.grpc, http = %bound.http, "hexveil listening");
+        tracing::info!(grpc = %bound.grpc, http = %bound.http, metrics = %metrics_bound, "hexveil listening");
         // A stable line on stdout that scripts and tests can wait for.
-        println!("hexveil listening grpc={} http={}", bound.grpc, bound.http);
-        server::run(app, source, grpc, http, server::shutdown_signal()).await
+        println!(
+            "hexveil listening grpc={} http={} metrics={}",
+            bound.grpc, bound.http, metrics_bound
+        );
+        server::run_with_metrics(
+            app,
+            source,
+            grpc,
+            http,
+            Some(metrics),
+            server::shutdown_signal(),
+        )
+        .await
     })
 }
 

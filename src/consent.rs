@@ -51,6 +51,9 @@ pub struct MyData {
     pub retention_deadline: Option<Timestamp>,
 }
 
+/// Lock stripes serializing consent changes per device.
+const CONSENT_STRIPES: usize = 256;
+
 /// The consent and transparency domain service.
 #[derive(Debug, Clone)]
 pub struct Consents {
@@ -58,6 +61,9 @@ pub struct Consents {
     devices: Arc<Devices>,
     clock: SharedClock,
     settings: LiveSettings,
+    /// Consent changes of one device run one at a time (store and memory in the same order
+    /// for grant and withdrawal), so racing changes cannot leave memory and store disagreeing.
+    changes: Arc<[tokio::sync::Mutex<()>]>,
 }
 
 impl Consents {
@@ -72,7 +78,17 @@ impl Consents {
             devices,
             clock,
             settings,
+            changes: (0..CONSENT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// Waits for the device's other consent changes to finish.
+    async fn serialize(&self, device: DeviceId) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes[usize::from(device.0[14]) % CONSENT_STRIPES]
+            .lock()
+            .await
     }
 
     fn retention(&self) -> Duration {
@@ -87,6 +103,7 @@ impl Consents {
         purposes: Purposes,
         policy_version: String,
     ) -> Result<ReceiptView, ConsentError> {
+        let _serialized = self.serialize(device).await;
         let now = self.clock.now();
         let settings = self.settings.current();
         let receipt = ConsentReceipt {
@@ -176,6 +193,7 @@ impl Consents {
 
     /// Erases everything held about the device; returns the number of records erased.
     pub async fn forget(&self, device: DeviceId) -> Result<u64, ConsentError> {
+        let _serialized = self.serialize(device).await;
         self.devices.remove(&device);
         let erased = self.store.erase_device(device).await?;
         metrics::counter!("hexveil_forget_me_total").increment(1);

@@ -1,5 +1,9 @@
-//! The HTTP listener: the merchant dashboard (assets embedded in the binary), its JSON API
-//! under `/api/v1/` ([`api`]), `/healthz` (the store answers) and Prometheus `/metrics`.
+//! The HTTP listeners: the merchant-facing one (the dashboard with its assets embedded in the
+//! binary, its JSON API under `/api/v1/` ([`api`]) and `/healthz`), and the operator-only one
+//! ([`operator_router`]: Prometheus `/metrics` and `/healthz`, on `server.metrics_listen`).
+//!
+//! Architecture invariant: exact operational counters (offers delivered, reasons, consents…)
+//! are never served on the merchant-facing port — only on the operator listener.
 //!
 //! Architecture invariants: the JSON API calls the same domain code as the gRPC
 //! `MerchantService` and authenticates through the same [`MerchantAuthLayer`] instance (one
@@ -34,7 +38,6 @@ pub struct WebDeps {
 #[derive(Clone)]
 struct WebState {
     deps: WebDeps,
-    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Nothing may be fetched from, or sent to, anywhere but this server.
@@ -66,12 +69,29 @@ pub fn router(deps: WebDeps) -> Router {
             get(|| async { asset("image/svg+xml", FAVICON_SVG) }),
         )
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .nest("/api/v1", api::routes())
-        .with_state(WebState {
-            deps,
+        .with_state(WebState { deps })
+}
+
+/// The operator-only routes, for `server.metrics_listen`: Prometheus `/metrics` and
+/// `/healthz`. Never merged into [`router`].
+pub fn operator_router(store: Store) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route(
+            "/healthz",
+            get(|State(s): State<OperatorState>| async move { health(&s.store).await }),
+        )
+        .with_state(OperatorState {
+            store,
             prometheus: crate::telemetry::prometheus(),
         })
+}
+
+#[derive(Clone)]
+struct OperatorState {
+    store: Store,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -95,7 +115,11 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
-    match state.deps.store.ping().await {
+    health(&state.deps.store).await
+}
+
+async fn health(store: &Store) -> impl IntoResponse + use<> {
+    match store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::warn!(error = %e, "health check: store unavailable");
@@ -104,7 +128,7 @@ async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<WebState>) -> impl IntoResponse {
+async fn metrics(State(state): State<OperatorState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.prometheus.render(),

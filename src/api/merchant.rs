@@ -19,6 +19,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::merchants::{self, MerchantError};
 use crate::model::{Merchant, MerchantId, Offer};
 use crate::offers::Offers;
+use crate::privacy::offer_stats;
 use crate::privacy::query::{self, Granularity};
 use crate::settings::LiveSettings;
 use crate::store::Store;
@@ -315,6 +316,39 @@ impl MerchantService for MerchantApi {
                 })
                 .collect(),
             params: Some(convert::privacy_params(&settings)),
+        }))
+    }
+
+    async fn get_offer_stats(
+        &self,
+        request: Request<pb::GetOfferStatsRequest>,
+    ) -> Result<Response<pb::GetOfferStatsReply>, Status> {
+        let merchant = merchant_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let start = timestamp(&mut v, "start", &req.start);
+        let end = timestamp(&mut v, "end", &req.end);
+        v.finish()?;
+        let settings = self.settings.current();
+        let stats = offer_stats::query(&self.store, &merchant, start, end)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetOfferStatsReply {
+            stats: stats
+                .iter()
+                .map(|p| pb::OfferStats {
+                    offer_id: p.offer_id.to_string(),
+                    day: Some(convert::timestamp(p.day)),
+                    deliveries: p.deliveries,
+                    deliveries_ci95_low: p.deliveries_ci95.0,
+                    deliveries_ci95_high: p.deliveries_ci95.1,
+                    opens: p.opens,
+                    opens_ci95_low: p.opens_ci95.0,
+                    opens_ci95_high: p.opens_ci95.1,
+                })
+                .collect(),
+            params: Some(convert::privacy_params(&settings)),
+            noise_std_dev: settings.consequences.privacy.offer_stats.noise_std_dev,
         }))
     }
 }

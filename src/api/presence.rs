@@ -107,9 +107,8 @@ impl PresenceApi {
         async move {
             let result = match decided {
                 Ok((decision, commit)) => presence
-                    .commit(commit)
+                    .commit(decision, commit)
                     .await
-                    .map(|()| decision)
                     .map_err(ApiError::from),
                 Err(e) => Err(e),
             };

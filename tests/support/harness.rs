@@ -157,6 +157,8 @@ pub struct BinServer {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The operator-only metrics listener.
+    pub metrics: SocketAddr,
     pub stderr_path: PathBuf,
 }
 
@@ -178,6 +180,8 @@ impl BinServer {
             "--grpc-listen",
             "127.0.0.1:0",
             "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
         ])
         .args(["--store", &store, "--data-dir", &dir.display().to_string()])
@@ -213,6 +217,7 @@ impl BinServer {
         BinServer {
             grpc: addr("grpc="),
             http: addr("http="),
+            metrics: addr("metrics="),
             child,
             stderr_path,
         }
