@@ -92,12 +92,10 @@ fn bench_device(i: u32) -> DeviceId {
 /// 20,000 contributions spread over the domain, for one bucket.
 async fn seed(rig: &Rig, bucket: Timestamp) {
     let ops = (0..20_000u32)
-        .map(|i| {
-            WriteOp::Contribute {
-                device: bench_device(i),
-                cell: rig.domain[(i as usize * 7) % rig.domain.len()],
-                bucket,
-            }
+        .map(|i| WriteOp::Contribute {
+            device: bench_device(i),
+            cell: rig.domain[(i as usize * 7) % rig.domain.len()],
+            bucket,
         })
         .collect();
     rig.store.write(WriteOp::Many(ops)).await.unwrap();

@@ -392,18 +392,33 @@ fn print_check(s: &Settings, json: bool) {
         crate::config::Dur::secs(caps.earliest_next_notification_secs)
     );
     println!(
-        "privacy: {} noise, epsilon = {:.3} per device per day (delta = {:e}), promised at most {}",
+        "privacy: {} noise, epsilon = {:.3} per device per day (in any 24 hours, every release together; delta = {:e}), promised at most {}",
         dp.mechanism,
         dp.epsilon_per_device_per_day,
         dp.delta,
         s.config.privacy.max_epsilon_per_device_per_day
+    );
+    let parts: Vec<String> = dp
+        .budget
+        .iter()
+        .map(|p| match s.config.privacy.mechanism {
+            crate::config::MechanismKind::Gaussian => format!("{} rho {:.4}", p.release, p.rho),
+            crate::config::MechanismKind::Laplace => {
+                format!("{} epsilon {:.4}", p.release, p.epsilon)
+            }
+        })
+        .collect();
+    println!("budget per device in any 24 hours: {}", parts.join(" + "));
+    println!(
+        "offer statistics: scale {:.3}, std-dev {:.2}; 95% interval of one released count: ±{:.0}",
+        dp.offer_stats.noise_scale, dp.offer_stats.noise_std_dev, dp.offer_stats.ci95_half_width
     );
     println!(
         "noise: scale {:.3}, std-dev {:.2}; 95% interval of one count: ±{:.0}; of a cell's day total: ±{:.0}",
         dp.noise_scale, dp.noise_std_dev, dp.ci95_half_width, dp.day_total_ci95_half_width
     );
     println!(
-        "contributions bounded to {} cells per bucket and {} per day; counts below {} suppressed",
+        "contributions bounded to {} cells per bucket and {} in any 24 hours; counts below {} suppressed (cosmetic: the noise protects)",
         s.config.privacy.max_cells_per_bucket, dp.contributions_per_day, dp.threshold
     );
     println!("config OK");

@@ -104,7 +104,10 @@ impl App {
             notifications,
             store.load_restrictions().await?,
         );
-        let released_through = store.last_release().await?.unwrap_or(crate::clock::Timestamp(i64::MIN));
+        let released_through = store
+            .last_release()
+            .await?
+            .unwrap_or(crate::clock::Timestamp(i64::MIN));
         devices.load_contributions(
             store.load_contributions().await?,
             store.load_contribution_spend(released_through).await?,

@@ -104,7 +104,10 @@ async fn the_daily_bound_holds_in_any_24_hours_across_releases_and_restarts() {
     }
     recorded.retain(|_, n| *n > 0);
     let total: u32 = recorded.values().sum();
-    assert!(total >= 2 * bound, "the device kept contributing: {total} pairs");
+    assert!(
+        total >= 2 * bound,
+        "the device kept contributing: {total} pairs"
+    );
     let ledger: BTreeMap<i64, f64> = app
         .store
         .ledger(Timestamp(T0 - DAY), Timestamp(T0 + 2 * DAY))
@@ -144,7 +147,10 @@ async fn the_daily_bound_holds_in_any_24_hours_across_releases_and_restarts() {
         .iter()
         .find(|p| p.release == "hourly_foot_traffic")
         .unwrap();
-    assert!(worst.1 <= hourly_part.rho * (1.0 + 1e-9), "{worst:?} vs {hourly_part:?}");
+    assert!(
+        worst.1 <= hourly_part.rho * (1.0 + 1e-9),
+        "{worst:?} vs {hourly_part:?}"
+    );
     assert!(
         spent <= consequences.privacy.epsilon_per_device_per_day,
         "a device spent ε = {spent} in 24 h; config check promises {}",
@@ -182,8 +188,16 @@ async fn a_new_merchant_gets_its_first_whole_bucket_released_with_nobody_seen() 
         .released(&area, Timestamp(T0), Timestamp(T0 + 3 * 3_600_000))
         .await
         .unwrap();
-    assert_eq!(released.len(), area.len(), "every cell of the area, zeros included");
-    assert!(released.iter().all(|r| r.bucket == Timestamp(T0 + 3_600_000)));
+    assert_eq!(
+        released.len(),
+        area.len(),
+        "every cell of the area, zeros included"
+    );
+    assert!(
+        released
+            .iter()
+            .all(|r| r.bucket == Timestamp(T0 + 3_600_000))
+    );
     // The merchant reads it over gRPC.
     let reply = merchant_client(server.channel().await, Some(&key))
         .get_foot_traffic(pb::GetFootTrafficRequest {
@@ -213,10 +227,15 @@ async fn duplicate_and_overlapping_cells_give_the_deduplicated_numbers() {
     let (clock, shared) = manual_clock(T0 - 1);
     let server = TestServer::start("[privacy]\nthreshold = 0\n", shared).await;
     let here = cell_at(59.33, 18.07);
-    let (_, key) =
-        hexveil::merchants::add(&server.app.store, "A", vec![here.into()], 8, Timestamp(T0 - 1))
-            .await
-            .unwrap();
+    let (_, key) = hexveil::merchants::add(
+        &server.app.store,
+        "A",
+        vec![here.into()],
+        8,
+        Timestamp(T0 - 1),
+    )
+    .await
+    .unwrap();
     clock.set(Timestamp(T0 + 2 * 3_600_000));
     server.app.insights.release_due().await.unwrap();
     let parent = u64::from(here.parent(h3o::Resolution::Seven).unwrap());
@@ -305,16 +324,18 @@ async fn http_get(addr: SocketAddr, path: &str, key: &str) -> (u16, String) {
 #[tokio::test]
 async fn nothing_a_merchant_reads_moves_with_one_notification_until_the_next_release() {
     let (clock, shared) = manual_clock(T0 - 1);
-    let server = TestServer::start(
-        "[caps]\nmin_dwell = \"0s\"\nquiet_hours = \"\"\n",
-        shared,
-    )
-    .await;
+    let server =
+        TestServer::start("[caps]\nmin_dwell = \"0s\"\nquiet_hours = \"\"\n", shared).await;
     let here = cell_at(59.33, 18.07);
-    let (m, key) =
-        hexveil::merchants::add(&server.app.store, "A", vec![here.into()], 8, Timestamp(T0 - 1))
-            .await
-            .unwrap();
+    let (m, key) = hexveil::merchants::add(
+        &server.app.store,
+        "A",
+        vec![here.into()],
+        8,
+        Timestamp(T0 - 1),
+    )
+    .await
+    .unwrap();
     server
         .app
         .offers
@@ -341,13 +362,21 @@ async fn nothing_a_merchant_reads_moves_with_one_notification_until_the_next_rel
     server.app.insights.release_due().await.unwrap();
 
     let ch = server.channel().await;
-    let area: Vec<u64> = here.grid_disk::<Vec<_>>(2).into_iter().map(u64::from).collect();
+    let area: Vec<u64> = here
+        .grid_disk::<Vec<_>>(2)
+        .into_iter()
+        .map(u64::from)
+        .collect();
     let everything = async || {
         let mut seen: Vec<String> = Vec::new();
         let mut client = merchant_client(ch.clone(), Some(&key));
         seen.push(format!(
             "{:?}",
-            client.list_offers(pb::ListOffersRequest {}).await.unwrap().into_inner()
+            client
+                .list_offers(pb::ListOffersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
         ));
         for g in [pb::Granularity::Hour, pb::Granularity::Day] {
             seen.push(format!(
@@ -410,7 +439,10 @@ async fn nothing_a_merchant_reads_moves_with_one_notification_until_the_next_rel
     assert_eq!(reply.offers.len(), 1, "{reply:?}");
     let after = everything().await;
     for (b, a) in before.iter().zip(&after) {
-        assert_eq!(b, a, "a merchant-readable answer moved with one notification");
+        assert_eq!(
+            b, a,
+            "a merchant-readable answer moved with one notification"
+        );
     }
 
     // The day's release is the first place the delivery can show — as a noisy figure.
@@ -430,7 +462,10 @@ async fn nothing_a_merchant_reads_moves_with_one_notification_until_the_next_rel
     assert!(s.deliveries_ci95_low <= s.deliveries_ci95_high);
     assert!(stats.noise_std_dev > 1.0);
     // Released once: a second run (a retry, another node) releases nothing.
-    assert_eq!(server.app.insights.release_due().await.unwrap().offer_days, 0);
+    assert_eq!(
+        server.app.insights.release_due().await.unwrap().offer_days,
+        0
+    );
     assert_eq!(
         server
             .app

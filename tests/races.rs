@@ -54,10 +54,9 @@ fn report(token: &str) -> pb::ReportPresenceRequest {
 
 async fn shop(server: &TestServer, name: &str, budget: u32) -> (Merchant, String) {
     let now = Timestamp(T0 - 60_000);
-    let (m, key) =
-        hexveil::merchants::add(&server.app.store, name, vec![here().into()], 8, now)
-            .await
-            .unwrap();
+    let (m, key) = hexveil::merchants::add(&server.app.store, name, vec![here().into()], 8, now)
+        .await
+        .unwrap();
     server
         .app
         .offers
@@ -91,10 +90,17 @@ async fn stampede(ch: &Channel, first: u32, devices: u32) -> usize {
     let unary = futures_util::future::join_all(unary.iter().map(|t| {
         let mut c = PresenceServiceClient::new(ch.clone());
         let req = report(t);
-        async move { c.report_presence(req).await.unwrap().into_inner().offers.len() }
+        async move {
+            c.report_presence(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .offers
+                .len()
+        }
     }));
-    let streams = futures_util::future::join_all(streamed.chunks(streamed.len().div_ceil(4)).map(
-        |chunk| {
+    let streams =
+        futures_util::future::join_all(streamed.chunks(streamed.len().div_ceil(4)).map(|chunk| {
             let mut c = PresenceServiceClient::new(ch.clone());
             let reqs: Vec<_> = chunk.iter().map(|t| report(t)).collect();
             async move {
@@ -109,8 +115,7 @@ async fn stampede(ch: &Channel, first: u32, devices: u32) -> usize {
                 }
                 n
             }
-        },
-    ));
+        }));
     let (u, s) = tokio::join!(unary, streams);
     u.into_iter().sum::<usize>() + s.into_iter().sum::<usize>()
 }
@@ -122,7 +127,10 @@ async fn an_offer_budget_of_five_delivers_at_most_five_under_a_stampede() {
     for round in 0..8 {
         let (m, _) = shop(&server, &format!("shop{round}"), 5).await;
         let delivered = stampede(&ch, round * 1000, 120).await;
-        assert_eq!(delivered, 5, "round {round}: budget 5, {delivered} delivered");
+        assert_eq!(
+            delivered, 5,
+            "round {round}: budget 5, {delivered} delivered"
+        );
         // Leave the next round to the next shop alone.
         hexveil::merchants::revoke(&server.app.store, m.merchant_id, Timestamp(T0))
             .await
@@ -140,7 +148,10 @@ async fn the_per_cell_flood_guard_holds_under_a_stampede() {
         shop(&server, &format!("shop{i}"), 100).await;
     }
     let delivered = stampede(&ch, 0, 150).await;
-    assert_eq!(delivered, 3, "{delivered} deliveries in one cell and minute; the cap is 3");
+    assert_eq!(
+        delivered, 3,
+        "{delivered} deliveries in one cell and minute; the cap is 3"
+    );
 }
 
 /// Rows that name `device` in every per-device table.
@@ -205,7 +216,13 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
             tokio::join!(regrant, withdraw, reports);
         }
         let in_memory = server.app.devices.lock(&id).contains_key(&id);
-        let stored = server.app.store.device_snapshot(id).await.unwrap().is_some();
+        let stored = server
+            .app
+            .store
+            .device_snapshot(id)
+            .await
+            .unwrap()
+            .is_some();
         let my_data = transparency_client(ch.clone())
             .get_my_data(pb::GetMyDataRequest {
                 device_token: t.clone(),
@@ -214,11 +231,21 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
             .unwrap()
             .into_inner();
         let shown = my_data != pb::MyData::default();
-        assert_eq!(in_memory, stored, "round {round}: memory and store disagree");
-        assert_eq!(stored, shown, "round {round}: GetMyData disagrees with the store");
+        assert_eq!(
+            in_memory, stored,
+            "round {round}: memory and store disagree"
+        );
+        assert_eq!(
+            stored, shown,
+            "round {round}: GetMyData disagrees with the store"
+        );
         if !stored {
             withdrawn_rounds += 1;
-            assert_eq!(rows_of(&server, &id).await, 0, "round {round}: rows outlived the erasure");
+            assert_eq!(
+                rows_of(&server, &id).await,
+                0,
+                "round {round}: rows outlived the erasure"
+            );
             let r = PresenceServiceClient::new(ch.clone())
                 .report_presence(report(&t))
                 .await
@@ -226,10 +253,17 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
                 .into_inner();
             assert!(r.offers.is_empty());
             assert_eq!(r.reason, R::NoConsent as i32);
-            assert_eq!(rows_of(&server, &id).await, 0, "round {round}: a withdrawn device counted");
+            assert_eq!(
+                rows_of(&server, &id).await,
+                0,
+                "round {round}: a withdrawn device counted"
+            );
         }
     }
-    assert!(withdrawn_rounds > 0, "no round ended withdrawn: the race was not exercised");
+    assert!(
+        withdrawn_rounds > 0,
+        "no round ended withdrawn: the race was not exercised"
+    );
 }
 
 /// Phones keep reporting next to a shop's offer while another process revokes the shop
@@ -263,12 +297,15 @@ async fn no_delivery_after_revoke_has_returned() {
                 let mut c = PresenceServiceClient::new(ch);
                 while !stop.load(Ordering::SeqCst) {
                     let started = Instant::now();
-                    let r = c.report_presence(report(&token(p))).await.unwrap().into_inner();
+                    let r = c
+                        .report_presence(report(&token(p)))
+                        .await
+                        .unwrap()
+                        .into_inner();
                     if r.offers.is_empty() {
                         continue;
                     }
-                    let after_revoke =
-                        revoked_at.lock().unwrap().is_some_and(|at| started >= at);
+                    let after_revoke = revoked_at.lock().unwrap().is_some_and(|at| started >= at);
                     if after_revoke {
                         late.fetch_add(1, Ordering::SeqCst);
                     } else if before.fetch_add(1, Ordering::SeqCst) == 49 {
@@ -293,5 +330,9 @@ async fn no_delivery_after_revoke_has_returned() {
         t.await.unwrap();
     }
     assert!(before.load(Ordering::SeqCst) >= 50);
-    assert_eq!(late.load(Ordering::SeqCst), 0, "offers delivered after revoke returned");
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "offers delivered after revoke returned"
+    );
 }

@@ -107,31 +107,59 @@ mod tests {
         let late = Timestamp(WINDOW_MS - HOUR);
         assert_eq!(admit(&mut held, late, 4, 2, 3), Admission::DayBound);
         // 24 h after b0, b0's pairs have left every window holding the new pair.
-        assert_eq!(admit(&mut held, Timestamp(WINDOW_MS), 4, 2, 3), Admission::New);
-        assert_eq!(admit(&mut held, Timestamp(WINDOW_MS), 5, 2, 3), Admission::New);
-        assert_eq!(admit(&mut held, Timestamp(WINDOW_MS + HOUR), 6, 2, 3), Admission::New);
-        assert_eq!(admit(&mut held, Timestamp(WINDOW_MS + HOUR), 7, 2, 3), Admission::DayBound);
+        assert_eq!(
+            admit(&mut held, Timestamp(WINDOW_MS), 4, 2, 3),
+            Admission::New
+        );
+        assert_eq!(
+            admit(&mut held, Timestamp(WINDOW_MS), 5, 2, 3),
+            Admission::New
+        );
+        assert_eq!(
+            admit(&mut held, Timestamp(WINDOW_MS + HOUR), 6, 2, 3),
+            Admission::New
+        );
+        assert_eq!(
+            admit(&mut held, Timestamp(WINDOW_MS + HOUR), 7, 2, 3),
+            Admission::DayBound
+        );
     }
 
     #[test]
     fn releases_forget_cells_but_keep_the_spend() {
         let mut held = Vec::new();
         for (i, b) in [0, HOUR, 2 * HOUR].into_iter().enumerate() {
-            assert_eq!(admit(&mut held, Timestamp(b), i as u64 + 1, 4, 3), Admission::New);
+            assert_eq!(
+                admit(&mut held, Timestamp(b), i as u64 + 1, 4, 3),
+                Admission::New
+            );
         }
         prune(&mut held, 2 * HOUR);
         assert!(held.iter().all(|(_, c)| *c == FORGOTTEN));
-        assert_eq!(admit(&mut held, Timestamp(3 * HOUR), 9, 4, 3), Admission::DayBound);
+        assert_eq!(
+            admit(&mut held, Timestamp(3 * HOUR), 9, 4, 3),
+            Admission::DayBound
+        );
         prune(&mut held, WINDOW_MS + HOUR);
-        assert_eq!(held.len(), 1, "only the pair still inside a reachable window stays");
+        assert_eq!(
+            held.len(),
+            1,
+            "only the pair still inside a reachable window stays"
+        );
     }
 
     #[test]
     fn a_late_pair_is_checked_against_every_window_holding_it() {
         // Pairs at 23 h and 24.5 h; a late pair at 1 h would put all three into [1 h, 25 h),
         // so with the bound 2 it is refused, though its own UTC day holds only one other.
-        let mut held = vec![(Timestamp(23 * HOUR), 1), (Timestamp(24 * HOUR + HOUR / 2), 2)];
-        assert_eq!(admit(&mut held, Timestamp(HOUR), 3, 4, 2), Admission::DayBound);
+        let mut held = vec![
+            (Timestamp(23 * HOUR), 1),
+            (Timestamp(24 * HOUR + HOUR / 2), 2),
+        ];
+        assert_eq!(
+            admit(&mut held, Timestamp(HOUR), 3, 4, 2),
+            Admission::DayBound
+        );
         assert_eq!(admit(&mut held, Timestamp(0), 3, 4, 3), Admission::New);
     }
 }

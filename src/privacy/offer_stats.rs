@@ -53,7 +53,12 @@ pub(crate) fn first_day(merchants: &[Merchant]) -> Option<i64> {
 
 /// Days due for release, oldest first: after the watermark (or from the first merchant's
 /// day), each at least `grace` after its end.
-pub(crate) fn due_days(watermark: Option<i64>, first: Option<i64>, now: i64, grace: i64) -> Vec<i64> {
+pub(crate) fn due_days(
+    watermark: Option<i64>,
+    first: Option<i64>,
+    now: i64,
+    grace: i64,
+) -> Vec<i64> {
     let Some(mut day) = watermark.map(|w| w + DAY_MS).or(first) else {
         return Vec::new();
     };
@@ -97,7 +102,11 @@ pub(crate) async fn release_day(
         .map(|o| (o.offer_id, o.merchant_id))
         .collect();
     offers.sort();
-    let index: HashMap<OfferId, usize> = offers.iter().enumerate().map(|(i, (o, _))| (*o, i)).collect();
+    let index: HashMap<OfferId, usize> = offers
+        .iter()
+        .enumerate()
+        .map(|(i, (o, _))| (*o, i))
+        .collect();
     // Contribution bounding, oldest delivery first.
     let (n, m) = (
         os.max_deliveries_per_device_per_day,
@@ -123,9 +132,11 @@ pub(crate) async fn release_day(
     let mech = mechanism_of(config.privacy.mechanism);
     let scale = os.noise_scale;
     let noisy = match noise {
-        Noise::OpenDp => tokio::task::spawn_blocking(move || mechanism::add_noise(mech, scale, &truth))
-            .await
-            .map_err(|e| InsightsError::Noise(e.to_string()))??,
+        Noise::OpenDp => {
+            tokio::task::spawn_blocking(move || mechanism::add_noise(mech, scale, &truth))
+                .await
+                .map_err(|e| InsightsError::Noise(e.to_string()))??
+        }
         #[cfg(test)]
         Noise::Disabled => truth,
     };
@@ -160,7 +171,11 @@ pub(crate) async fn release_day(
         .await?;
     if done == 1 {
         metrics::counter!("hexveil_offer_stats_releases_total").increment(1);
-        tracing::info!(day = day.millis(), offers = offers.len(), "released offer statistics");
+        tracing::info!(
+            day = day.millis(),
+            offers = offers.len(),
+            "released offer statistics"
+        );
     }
     Ok(done == 1)
 }

@@ -428,7 +428,10 @@ async fn put_offer(r: &Rig, from: i64, until: i64) -> crate::model::Offer {
         opening_hours: vec![],
         updated_at: Timestamp(T0),
     };
-    r.store.write(WriteOp::PutOffer(offer.clone())).await.unwrap();
+    r.store
+        .write(WriteOp::PutOffer(offer.clone()))
+        .await
+        .unwrap();
     offer
 }
 
@@ -489,21 +492,42 @@ async fn offer_stats_clip_devices_release_the_domain_once_and_enter_the_ledger()
     for i in 0..4 {
         deliver(&r, d3, &b, day + DAY_MS + i * 60_000, true).await;
     }
-    let os = r.settings.current().consequences.privacy.offer_stats.clone();
+    let os = r
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats
+        .clone();
     assert_eq!(
-        (os.max_deliveries_per_device_per_day, os.max_deliveries_per_device_per_offer),
+        (
+            os.max_deliveries_per_device_per_day,
+            os.max_deliveries_per_device_per_offer
+        ),
         (3, 1)
     );
 
     r.clock.set(Timestamp(day + DAY_MS + 10 * 60_000 - 1));
-    assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 0, "not before the grace");
+    assert_eq!(
+        r.insights.release_offer_stats_due().await.unwrap(),
+        0,
+        "not before the grace"
+    );
     r.clock.set(Timestamp(day + DAY_MS + 10 * 60_000));
     assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 1);
-    assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 0, "released once");
+    assert_eq!(
+        r.insights.release_offer_stats_due().await.unwrap(),
+        0,
+        "released once"
+    );
     let merchant = r.store.merchants().await.unwrap().remove(0);
     let stats = r
         .store
-        .offer_stats(merchant.merchant_id, Timestamp(day - DAY_MS), Timestamp(day + 5 * DAY_MS))
+        .offer_stats(
+            merchant.merchant_id,
+            Timestamp(day - DAY_MS),
+            Timestamp(day + 5 * DAY_MS),
+        )
         .await
         .unwrap();
     let get = |o: &crate::model::Offer| {
@@ -515,7 +539,11 @@ async fn offer_stats_clip_devices_release_the_domain_once_and_enter_the_ledger()
     assert_eq!(get(&a), Some((2, 1)));
     assert_eq!(get(&b), Some((1, 0)));
     assert_eq!(get(&quiet), Some((0, 0)), "zeros are released too");
-    assert_eq!(stats.len(), 3, "an offer not valid that day is not released");
+    assert_eq!(
+        stats.len(),
+        3,
+        "an offer not valid that day is not released"
+    );
     let ledger = r
         .store
         .offer_stats_ledger(Timestamp(day - DAY_MS), Timestamp(day + 5 * DAY_MS))
@@ -532,19 +560,31 @@ async fn offer_stats_clip_devices_release_the_domain_once_and_enter_the_ledger()
         .find(|p| p.release == "offer_stats")
         .unwrap()
         .clone();
-    assert!((ledger[0].rho - part.rho).abs() < 1e-12, "{:?} vs {part:?}", ledger[0]);
-    assert!((ledger[0].rho - r.settings.current().config.privacy.offer_stats_rho_per_day).abs() < 1e-9);
+    assert!(
+        (ledger[0].rho - part.rho).abs() < 1e-12,
+        "{:?} vs {part:?}",
+        ledger[0]
+    );
+    assert!(
+        (ledger[0].rho - r.settings.current().config.privacy.offer_stats_rho_per_day).abs() < 1e-9
+    );
 
     // The next day: d3's four deliveries of B count once (per-offer bound), opened.
     r.clock.set(Timestamp(day + 2 * DAY_MS + 10 * 60_000));
     assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 1);
     let next = r
         .store
-        .offer_stats(merchant.merchant_id, Timestamp(day + DAY_MS), Timestamp(day + 2 * DAY_MS))
+        .offer_stats(
+            merchant.merchant_id,
+            Timestamp(day + DAY_MS),
+            Timestamp(day + 2 * DAY_MS),
+        )
         .await
         .unwrap();
     assert_eq!(
-        next.iter().find(|s| s.offer_id == b.offer_id).map(|s| (s.deliveries, s.opens)),
+        next.iter()
+            .find(|s| s.offer_id == b.offer_id)
+            .map(|s| (s.deliveries, s.opens)),
         Some((1, 1))
     );
 }
@@ -555,7 +595,13 @@ async fn offer_noise_samples(mechanism: MechanismKind) -> (Vec<i64>, f64) {
     let mut config = Config::default();
     config.privacy.mechanism = mechanism;
     let r = rig(config, true, &[(59.33, 18.07)]).await;
-    let scale = r.settings.current().consequences.privacy.offer_stats.noise_scale;
+    let scale = r
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats
+        .noise_scale;
     let day = T0.div_euclid(DAY_MS) * DAY_MS;
     let m = r.store.merchants().await.unwrap().remove(0);
     let ops = (0..1000)

@@ -17,8 +17,9 @@ use super::group_commit::{self, BatchWriter, Pending};
 use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
-    MerchantId, Notification, Offer, OfferStatRow, OfferStatsLedgerEntry, OpeningHours, Purpose, Purposes, ReleasedCount, Restriction,
+    ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback,
+    LedgerEntry, Merchant, MerchantId, Notification, Offer, OfferStatRow, OfferStatsLedgerEntry,
+    OpeningHours, Purpose, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 

@@ -26,8 +26,8 @@ use crate::api::ApiError;
 use crate::cells;
 use crate::clock::{Timestamp, duration_millis};
 use crate::model::Merchant;
-use crate::privacy::{domain, offer_stats};
 use crate::privacy::query::{self, Granularity, Point};
+use crate::privacy::{domain, offer_stats};
 use crate::store::StoreError;
 
 use super::WebState;
@@ -371,7 +371,13 @@ async fn offer_stats(
     let points = offer_stats::query(&state.deps.store, &m, start, end)
         .await
         .map_err(ApiError::from)?;
-    let os = &state.deps.settings.current().consequences.privacy.offer_stats;
+    let os = &state
+        .deps
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats;
     Ok(Json(json!({
         "stats": points.iter().map(|p| json!({
             "offer_id": p.offer_id.to_string(),
