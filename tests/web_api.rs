@@ -339,12 +339,19 @@ async fn offers_list_no_raw_counts_and_delivery_figures_come_only_released() {
     let o = &j["offers"][0];
     assert_eq!(o["offer_id"], offer.offer_id.to_string());
     assert_eq!(o["title"], "Two for one");
-    assert!(o.get("shown_total").is_none() && o.get("shown_last_24h").is_none(), "{o}");
+    assert!(
+        o.get("shown_total").is_none() && o.get("shown_last_24h").is_none(),
+        "{o}"
+    );
     let day = T0.div_euclid(86_400_000) * 86_400_000;
     let stats_path = format!("/api/v1/offer-stats?start={}&end={}", day, day + 86_400_000);
     let r = get(server.http, &stats_path, Some(&key)).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["stats"], serde_json::json!([]), "nothing before the day is released");
+    assert_eq!(
+        r.json()["stats"],
+        serde_json::json!([]),
+        "nothing before the day is released"
+    );
     clock.set(Timestamp(day + 86_400_000 + 10 * 60_000));
     assert_eq!(app.insights.release_due().await.unwrap().offer_days, 1);
     let j = get(server.http, &stats_path, Some(&key)).await.json();
