@@ -46,6 +46,9 @@ pub struct MyData {
     pub restrictions: Vec<Restriction>,
     /// Unreleased foot-traffic contributions and when the last of them is deleted.
     pub pending_contributions: Option<(u64, Timestamp)>,
+    /// Contribution spend (pairs per bucket, no cells) kept to hold the per-day bound over any
+    /// 24 hours, and when the last of it is deleted.
+    pub contribution_spend: Option<(u64, Timestamp)>,
     pub last_activity: Option<Timestamp>,
     /// When everything expires if the device stays inactive.
     pub retention_deadline: Option<Timestamp>,
@@ -184,6 +187,16 @@ impl Consents {
                 (
                     snapshot.pending_contributions,
                     b.plus(ins.bucket.get()).plus(ins.grace.get()),
+                )
+            }),
+            contribution_spend: snapshot.latest_spend_bucket.map(|b| {
+                let ins = &self.settings.current().config.insights;
+                (
+                    snapshot.contribution_spend,
+                    // Deleted by the release of the bucket a day later.
+                    b.plus(crate::caps::DAY)
+                        .plus(ins.bucket.get())
+                        .plus(ins.grace.get()),
                 )
             }),
             last_activity: Some(snapshot.last_activity),

@@ -109,6 +109,10 @@ pub struct DeviceSnapshot {
     /// Unreleased foot-traffic contributions and the latest bucket among them.
     pub pending_contributions: u64,
     pub latest_pending_bucket: Option<Timestamp>,
+    /// Contribution spend kept for the rolling per-day bound: pairs (no cells) and the latest
+    /// bucket among them.
+    pub contribution_spend: u64,
+    pub latest_spend_bucket: Option<Timestamp>,
 }
 
 /// A merchant id (UUID).

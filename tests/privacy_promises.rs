@@ -483,3 +483,123 @@ fn presence_client(
 ) -> hexveil::api::pb::presence_service_client::PresenceServiceClient<tonic::transport::Channel> {
     hexveil::api::pb::presence_service_client::PresenceServiceClient::new(ch)
 }
+
+/// ForgetMe and the retention sweep erase everything a device left: its consent, the
+/// notification it got, the restriction its dismissal set, its unreleased contributions and
+/// the spend kept after a release — and GetMyData shows each of them before.
+#[tokio::test]
+async fn forget_me_and_retention_erase_notifications_restrictions_contributions_and_spend() {
+    let (clock, shared) = manual_clock(T0 - 1);
+    let server = TestServer::start(
+        "[caps]\nmin_dwell = \"0s\"\nquiet_hours = \"\"\n[retention]\ndevice_days = 1\n",
+        shared,
+    )
+    .await;
+    let here = cell_at(59.33, 18.07);
+    let (m, _) = hexveil::merchants::add(
+        &server.app.store,
+        "A",
+        vec![here.into()],
+        8,
+        Timestamp(T0 - 1),
+    )
+    .await
+    .unwrap();
+    let offer = server
+        .app
+        .offers
+        .upsert(
+            &m,
+            Offer {
+                offer_id: uuid::Uuid::nil(),
+                merchant_id: m.merchant_id,
+                title: "Coffee".into(),
+                body: String::new(),
+                cell: here.into(),
+                radius_k: 1,
+                valid_from: Timestamp(T0 - DAY),
+                valid_until: Timestamp(T0 + 10 * DAY),
+                max_notifications_per_day: 10,
+                opening_hours: vec![],
+                updated_at: Timestamp(0),
+            },
+        )
+        .await
+        .unwrap();
+    server.app.insights.refresh_domain().await.unwrap();
+    let ch = server.channel().await;
+    let db = server.db_path();
+    let leave_traces = async |token: &str, at: i64| {
+        grant(&ch, token, BOTH).await;
+        let id = server.app.pseudonyms.device_id(token);
+        let reply = presence_client(ch.clone())
+            .report_presence(pb::ReportPresenceRequest {
+                device_token: token.into(),
+                cell: here.into(),
+                observed_at: Some(ts(at)),
+                utc_offset_minutes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.offers.len(), 1);
+        presence_client(ch.clone())
+            .send_feedback(pb::SendFeedbackRequest {
+                device_token: token.into(),
+                offer_id: offer.offer_id.to_string(),
+                action: pb::FeedbackAction::Dismissed as i32,
+            })
+            .await
+            .unwrap();
+        for table in [
+            "notifications",
+            "restrictions",
+            "contributions",
+            "contribution_spend",
+        ] {
+            assert!(
+                rows_in(&db, table, &id).await > 0,
+                "{table} holds nothing to erase"
+            );
+        }
+        id
+    };
+    clock.set(Timestamp(T0));
+    let forgotten = leave_traces(&token(1), T0).await;
+    // Release the bucket: the raw contribution goes, the spend stays (and is shown).
+    clock.set(Timestamp(T0 + 3_600_000 + 11 * MINUTE));
+    server.app.insights.release_due().await.unwrap();
+    assert_eq!(rows_in(&db, "contributions", &forgotten).await, 0);
+    assert!(rows_in(&db, "contribution_spend", &forgotten).await > 0);
+    let my_data =
+        hexveil::api::pb::transparency_service_client::TransparencyServiceClient::new(ch.clone())
+            .get_my_data(pb::GetMyDataRequest {
+                device_token: token(1),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(my_data.contribution_spend.unwrap().count, 1);
+    assert_eq!(my_data.notifications.len(), 1);
+    assert_eq!(my_data.restrictions.len(), 1);
+    let expiring = leave_traces(&token(2), T0 + 3_600_000 + 11 * MINUTE).await;
+    hexveil::api::pb::transparency_service_client::TransparencyServiceClient::new(ch.clone())
+        .forget_me(pb::ForgetMeRequest {
+            device_token: token(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rows_of_device(&db, &forgotten).await,
+        0,
+        "ForgetMe left rows"
+    );
+    assert!(rows_of_device(&db, &expiring).await > 0);
+    clock.set(Timestamp(T0 + 3 * DAY));
+    assert_eq!(server.app.consents.expire_idle().await.unwrap(), 1);
+    assert_eq!(
+        rows_of_device(&db, &expiring).await,
+        0,
+        "retention left rows"
+    );
+}

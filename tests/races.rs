@@ -184,31 +184,6 @@ async fn the_per_cell_flood_guard_holds_under_a_stampede() {
     );
 }
 
-/// Rows that name `device` in every per-device table.
-async fn rows_of(server: &TestServer, device: &hexveil::pseudonym::DeviceId) -> usize {
-    use sqlx::Connection;
-    let url = format!("sqlite://{}?mode=ro", server.db_path().display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    let mut n = 0;
-    for t in [
-        "devices",
-        "consent_receipts",
-        "notifications",
-        "restrictions",
-        "contributions",
-        "contribution_spend",
-    ] {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t} WHERE device = ?"));
-        let c: i64 = sqlx::query_scalar(sql)
-            .bind(&device.0[..])
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        n += c as usize;
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agreeing() {
     let server = start(OPEN).await;
@@ -272,7 +247,7 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
         if !stored {
             withdrawn_rounds += 1;
             assert_eq!(
-                rows_of(&server, &id).await,
+                rows_of_device(&server.db_path(), &id).await,
                 0,
                 "round {round}: rows outlived the erasure"
             );
@@ -284,7 +259,7 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
             assert!(r.offers.is_empty());
             assert_eq!(r.reason, R::NoConsent as i32);
             assert_eq!(
-                rows_of(&server, &id).await,
+                rows_of_device(&server.db_path(), &id).await,
                 0,
                 "round {round}: a withdrawn device counted"
             );

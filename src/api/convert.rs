@@ -102,6 +102,12 @@ pub fn my_data(d: &MyData) -> pb::MyData {
                 retention_deadline: Some(timestamp(deadline)),
             }
         }),
+        contribution_spend: d.contribution_spend.map(|(count, deadline)| {
+            pb::PendingContributions {
+                count,
+                retention_deadline: Some(timestamp(deadline)),
+            }
+        }),
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
     }

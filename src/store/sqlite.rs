@@ -168,6 +168,13 @@ impl SqliteStore {
         .bind(&device.0[..])
         .fetch_one(&mut *tx)
         .await?;
+        let spend = sqlx::query(
+            "SELECT COALESCE(SUM(pairs), 0) AS n, MAX(bucket) AS latest
+             FROM contribution_spend WHERE device = ?",
+        )
+        .bind(&device.0[..])
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -191,6 +198,8 @@ impl SqliteStore {
             restrictions,
             pending_contributions: pending.try_get::<i64, _>("n")? as u64,
             latest_pending_bucket: opt_ts(&pending, "latest")?,
+            contribution_spend: spend.try_get::<i64, _>("n")? as u64,
+            latest_spend_bucket: opt_ts(&spend, "latest")?,
         }))
     }
 
