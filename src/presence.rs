@@ -22,7 +22,7 @@ use crate::offers::OfferIndex;
 use crate::privacy::Insights;
 use crate::pseudonym::DeviceId;
 use crate::settings::LiveSettings;
-use crate::store::{Store, StoreError, WriteOp, WriteResult};
+use crate::store::{DeliveryLimits, Store, StoreError, WriteOp, WriteResult};
 
 /// A validated report.
 #[derive(Debug, Clone, Copy)]
@@ -206,7 +206,13 @@ impl Presence {
                     why.remaining_this_week = why
                         .remaining_this_week
                         .saturating_sub(offers.len() as u32 + 1);
-                    ops.push(WriteOp::Notify(notification));
+                    ops.push(WriteOp::Deliver {
+                        notification,
+                        limits: DeliveryLimits {
+                            offer_per_day: offer.max_notifications_per_day,
+                            cell_per_minute: config.caps.per_cell_per_minute,
+                        },
+                    });
                     offers.push((offer, why));
                 }
                 Decision {
@@ -407,7 +413,7 @@ impl Presence {
 /// Notifications a commit records (each must be recorded for the decision to be shown).
 fn notifications_in(op: &WriteOp) -> u64 {
     match op {
-        WriteOp::Notify(_) => 1,
+        WriteOp::Notify(_) | WriteOp::Deliver { .. } => 1,
         WriteOp::Many(ops) => ops.iter().map(notifications_in).sum(),
         _ => 0,
     }

@@ -86,8 +86,15 @@ pub enum WriteOp {
         dwell: Dwell,
         now: Timestamp,
     },
-    /// Logs a delivered notification (before the reply that carries it).
+    /// Logs a delivered notification (before the reply that carries it), if the device still
+    /// consents, the merchant is not revoked and the offer exists; yields 1, or 0 if refused.
     Notify(Notification),
+    /// Like `Notify`, and also only if the offer's daily budget and the cell's flood guard
+    /// still have room among the stored notifications (all nodes'): yields 1, or 0.
+    Deliver {
+        notification: Notification,
+        limits: DeliveryLimits,
+    },
     /// Records feedback on a notification and the device's new standing with the merchant.
     Feedback {
         device: DeviceId,
@@ -131,6 +138,15 @@ pub enum WriteOp {
         entry: OfferStatsLedgerEntry,
         rows: Vec<OfferStatRow>,
     },
+}
+
+/// The limits shared by all devices that a delivery must fit, checked again in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// The offer's `max_notifications_per_day` (any 24 hours).
+    pub offer_per_day: u32,
+    /// `caps.per_cell_per_minute` (per UTC minute).
+    pub cell_per_minute: u32,
 }
 
 /// What a write yields once committed.

@@ -341,3 +341,75 @@ async fn no_delivery_after_revoke_has_returned() {
         "offers delivered after revoke returned"
     );
 }
+
+/// A second node: another server process on the same store (as several stateless nodes
+/// behind a load balancer share one database), with its own memory and listeners.
+async fn second_node(
+    first: &TestServer,
+    config: &str,
+    clock: hexveil::clock::SharedClock,
+) -> (hexveil::server::App, Channel) {
+    let toml = format!("{}\n{config}", store_toml(first.dir.path()));
+    let settings =
+        hexveil::settings::Settings::new(hexveil::config::Config::from_toml(&toml).unwrap())
+            .unwrap();
+    let app = hexveil::server::App::open(settings, clock).await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    tokio::spawn(hexveil::server::run(
+        app.clone(),
+        hexveil::reload::ConfigSource::default(),
+        grpc,
+        http,
+        std::future::pending(),
+    ));
+    (app, connect(addr).await)
+}
+
+/// Two nodes share one store; devices report to either at once. Each node's memory knows
+/// only its own deliveries, so the offer budget and the per-cell flood guard must hold in
+/// the store: 5 deliveries per round, and no more than 3 in the cell per minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_offer_budget_and_flood_guard_hold_across_two_nodes() {
+    let config = OPEN.replace("per_cell_per_minute = 1000", "per_cell_per_minute = 4");
+    let (clock, shared) = manual_clock(T0);
+    let a = TestServer::start(&config, shared.clone()).await;
+    let ch_a = a.channel().await;
+    let (b, ch_b) = second_node(&a, &config, shared).await;
+    let mut wrong = Vec::new();
+    // Rounds 0-9: one shop with a budget of 3. Rounds 10-19: six shops with room to spare,
+    // so the flood guard (4 per cell and minute) is what binds.
+    for round in 0..20u32 {
+        let at = T0 + i64::from(round) * 60_000;
+        clock.set(Timestamp(at));
+        let (shops, budget, expected) = if round < 10 { (1, 3, 3) } else { (6, 1000, 4) };
+        let mut made = Vec::new();
+        for i in 0..shops {
+            made.push(shop(&a, &format!("shop{round}-{i}"), budget).await.0);
+        }
+        b.offers.refresh().await.unwrap();
+        let ts = prost_types::Timestamp {
+            seconds: at / 1000,
+            nanos: 0,
+        };
+        let (x, y) = tokio::join!(
+            stampede_at(&ch_a, round * 1000, 20, ts),
+            stampede_at(&ch_b, round * 1000 + 500, 20, ts)
+        );
+        if x + y != expected {
+            wrong.push((round, x, y));
+        }
+        for m in made {
+            hexveil::merchants::revoke(&a.app.store, m.merchant_id, Timestamp(at))
+                .await
+                .unwrap();
+        }
+        a.app.offers.refresh().await.unwrap();
+        b.offers.refresh().await.unwrap();
+    }
+    assert!(
+        wrong.is_empty(),
+        "budget 3 / 4 per cell and minute over two nodes; (round, node a, node b): {wrong:?}"
+    );
+}

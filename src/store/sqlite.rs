@@ -14,7 +14,7 @@ use sqlx::{Connection, Row, SqlSafeStr};
 use tokio::sync::mpsc;
 
 use super::group_commit::{self, BatchWriter, Pending};
-use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
+use super::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback,
@@ -910,53 +910,11 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             .await?;
             Ok(WriteResult::Done)
         }
-        WriteOp::Notify(n) => {
-            let device = &n.device.0[..];
-            // Recorded only if, in this transaction, the device still consents to offers, the
-            // merchant is not revoked and the offer exists: whatever another process or node
-            // changed since the decision, nothing refused here is ever shown.
-            let recorded = sqlx::query(
-                "INSERT INTO notifications
-                   (notification_id, device, offer_id, merchant_id, cell, sent_at, feedback)
-                 SELECT ?, ?, ?, ?, ?, ?, NULL
-                 WHERE EXISTS (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
-                   AND EXISTS (SELECT 1 FROM merchants WHERE merchant_id = ? AND revoked_at IS NULL)
-                   AND EXISTS (SELECT 1 FROM offers WHERE offer_id = ? AND merchant_id = ?)",
-            )
-            .bind(n.notification_id.to_string())
-            .bind(device)
-            .bind(n.offer_id.to_string())
-            .bind(n.merchant_id.to_string())
-            .bind(n.cell as i64)
-            .bind(n.sent_at.millis())
-            .bind(device)
-            .bind(i64::from(Purpose::NearbyOffers.bit()))
-            .bind(n.merchant_id.to_string())
-            .bind(n.offer_id.to_string())
-            .bind(n.merchant_id.to_string())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if recorded == 0 {
-                return Ok(WriteResult::Count(0));
-            }
-            sqlx::query(
-                "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
-                   (SELECT notification_id FROM notifications WHERE device = ?
-                    ORDER BY sent_at DESC LIMIT ?)",
-            )
-            .bind(device)
-            .bind(device)
-            .bind(NOTIFICATIONS_KEPT)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
-                .bind(n.sent_at.millis())
-                .bind(device)
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteResult::Count(1))
-        }
+        WriteOp::Notify(n) => notify(conn, n, None).await,
+        WriteOp::Deliver {
+            notification,
+            limits,
+        } => notify(conn, notification, Some(*limits)).await,
         WriteOp::Feedback {
             device,
             notification_id,
@@ -1107,4 +1065,75 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             Ok(WriteResult::Count(n))
         }
     }
+}
+
+/// Records a delivered notification if the conditions below hold; yields 1, or 0 (and
+/// changes nothing) if it was refused.
+async fn notify(
+    conn: &mut SqliteConnection,
+    n: &Notification,
+    limits: Option<DeliveryLimits>,
+) -> Result<WriteResult, StoreError> {
+    let device = &n.device.0[..];
+    // Recorded only if, in this transaction, the device still consents to offers, the
+    // merchant is not revoked and the offer exists: whatever another process or node changed
+    // since the decision, nothing refused here is ever shown. With limits, also only if the
+    // offer's daily budget and the cell's flood guard still have room among the stored
+    // notifications, which every node writes: the in-memory reservations hold them on one
+    // node, this holds them across nodes.
+    let (per_day, per_minute) = limits.map_or((i64::MAX, i64::MAX), |l| {
+        (i64::from(l.offer_per_day), i64::from(l.cell_per_minute))
+    });
+    let minute = n.sent_at.millis().div_euclid(60_000) * 60_000;
+    let recorded = sqlx::query(
+        "INSERT INTO notifications
+           (notification_id, device, offer_id, merchant_id, cell, sent_at, feedback)
+         SELECT ?, ?, ?, ?, ?, ?, NULL
+         WHERE EXISTS (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
+           AND EXISTS (SELECT 1 FROM merchants WHERE merchant_id = ? AND revoked_at IS NULL)
+           AND EXISTS (SELECT 1 FROM offers WHERE offer_id = ? AND merchant_id = ?)
+           AND (SELECT COUNT(*) FROM notifications WHERE offer_id = ? AND sent_at > ?) < ?
+           AND (SELECT COUNT(*) FROM notifications
+                WHERE sent_at >= ? AND sent_at < ? AND cell = ?) < ?",
+    )
+    .bind(n.notification_id.to_string())
+    .bind(device)
+    .bind(n.offer_id.to_string())
+    .bind(n.merchant_id.to_string())
+    .bind(n.cell as i64)
+    .bind(n.sent_at.millis())
+    .bind(device)
+    .bind(i64::from(Purpose::NearbyOffers.bit()))
+    .bind(n.merchant_id.to_string())
+    .bind(n.offer_id.to_string())
+    .bind(n.merchant_id.to_string())
+    .bind(n.offer_id.to_string())
+    .bind(n.sent_at.millis() - 86_400_000)
+    .bind(per_day)
+    .bind(minute)
+    .bind(minute + 60_000)
+    .bind(n.cell as i64)
+    .bind(per_minute)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if recorded == 0 {
+        return Ok(WriteResult::Count(0));
+    }
+    sqlx::query(
+        "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
+           (SELECT notification_id FROM notifications WHERE device = ?
+            ORDER BY sent_at DESC LIMIT ?)",
+    )
+    .bind(device)
+    .bind(device)
+    .bind(NOTIFICATIONS_KEPT)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
+        .bind(n.sent_at.millis())
+        .bind(device)
+        .execute(&mut *conn)
+        .await?;
+    Ok(WriteResult::Count(1))
 }
