@@ -174,15 +174,10 @@ fn timestamp(v: &mut Violations, field: &str, ts: &Option<prost_types::Timestamp
             v.add(field, "required");
             Timestamp(0)
         }
-        Some(t)
-            if !(0..1_000_000_000).contains(&t.nanos)
-                || t.seconds < 0
-                || t.seconds > 32_503_680_000 =>
-        {
+        Some(t) => Timestamp::from_unix(t.seconds, t.nanos).unwrap_or_else(|| {
             v.add(field, "must be a valid time between 1970 and 3000");
             Timestamp(0)
-        }
-        Some(t) => Timestamp(t.seconds * 1000 + i64::from(t.nanos / 1_000_000)),
+        }),
     }
 }
 

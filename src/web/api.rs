@@ -178,9 +178,14 @@ impl Params {
         let v = self
             .take(name)?
             .ok_or_else(|| ApiError::field(name, "required (milliseconds since the Unix epoch)"))?;
-        match v.trim().parse::<i64>() {
-            Ok(ms) if (0..=32_503_680_000_000).contains(&ms) => Ok(Timestamp(ms)),
-            _ => Err(ApiError::field(
+        match v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(Timestamp::from_unix_millis)
+        {
+            Some(t) => Ok(t),
+            None => Err(ApiError::field(
                 name,
                 format!("{v:?} is not a time in milliseconds since the Unix epoch (1970-3000)"),
             )),
