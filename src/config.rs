@@ -111,6 +111,9 @@ pub struct StoreConfig {
     pub url: String,
     /// Directory for the device-pseudonym key file and the config audit log.
     pub data_dir: PathBuf,
+    /// Free space (MiB) the store's file system must keep: below it the store stops taking
+    /// writes and health says NOT_SERVING, before the disk is actually full. 0 disables.
+    pub min_free_mb: u64,
 }
 
 impl Default for StoreConfig {
@@ -118,6 +121,7 @@ impl Default for StoreConfig {
         StoreConfig {
             url: "sqlite://hexveil-data/hexveil.db".to_string(),
             data_dir: PathBuf::from("hexveil-data"),
+            min_free_mb: 64,
         }
     }
 }
@@ -527,6 +531,9 @@ impl Config {
                 "store.url",
                 "must start with sqlite: (embedded file) or postgres:// (scale-out)",
             ));
+        }
+        if self.store.min_free_mb > 1 << 20 {
+            return Err(inv("store.min_free_mb", "must be at most 1048576 (1 TiB)"));
         }
         if self.policy.controller.trim().is_empty() || self.policy.controller.len() > 200 {
             return Err(inv("policy.controller", "must be 1-200 characters"));

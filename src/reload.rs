@@ -18,11 +18,12 @@ use crate::settings::{LiveSettings, Settings};
 pub const AUDIT_LOG_FILE: &str = "config-audit.jsonl";
 
 /// Keys that are read once at start; a reload keeps their running values and says so.
-pub const RESTART_ONLY_KEYS: [&str; 4] = [
+pub const RESTART_ONLY_KEYS: [&str; 5] = [
     "server.grpc_listen",
     "server.http_listen",
     "store.url",
     "store.data_dir",
+    "store.min_free_mb",
 ];
 
 /// Where the config comes from: an optional file plus command-line overrides (env is read
@@ -116,6 +117,9 @@ impl Reloader {
                             old.config.server.http_listen != new.config.server.http_listen
                         }
                         "store.url" => old.config.store.url != new.config.store.url,
+                        "store.min_free_mb" => {
+                            old.config.store.min_free_mb != new.config.store.min_free_mb
+                        }
                         _ => old.config.store.data_dir != new.config.store.data_dir,
                     };
                     if changed {

@@ -37,8 +37,6 @@ const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const OFFER_REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How often due foot-traffic buckets are looked for.
 const RELEASE_EVERY: Duration = Duration::from_secs(5);
-/// How often the store is pinged for the health status.
-const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish after a shutdown signal. Every acknowledged
 /// write is already committed, so cutting idle connections after this loses nothing.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -65,9 +63,12 @@ impl App {
             .with_context(|| format!("store.data_dir: cannot create {}", data_dir.display()))?;
         let key = std::env::var(DEVICE_KEY_ENV).ok();
         let pseudonyms = Pseudonymizer::load_or_create(key.as_deref(), &data_dir)?;
-        let store = Store::open(&settings.config.store.url)
-            .await
-            .context("store.url: cannot open the store")?;
+        let store = Store::open_with_reserve(
+            &settings.config.store.url,
+            settings.config.store.min_free_mb << 20,
+        )
+        .await
+        .context("store.url: cannot open the store")?;
         let settings = LiveSettings::new(settings);
         let devices = Arc::new(Devices::default());
         let index = Arc::new(OfferIndex::default());
@@ -292,11 +293,15 @@ pub async fn run_with_metrics(
         );
     }
     {
-        let insights = app.insights.clone();
+        let (insights, store) = (app.insights.clone(), app.store.clone());
         periodic(&mut jobs, RELEASE_EVERY, stop_rx.clone(), move || {
-            let insights = insights.clone();
+            let (insights, store) = (insights.clone(), store.clone());
             async move {
-                // The store being down means nothing is released: never fail open.
+                // The store being down means nothing is released: never fail open. (The
+                // release's own write would be refused too; this skips the noise drawing.)
+                if !store.is_writable() {
+                    return;
+                }
                 if let Err(e) = insights.release_due().await {
                     tracing::warn!(error = %e, "foot-traffic release failed; will retry");
                 }
@@ -318,17 +323,16 @@ pub async fn run_with_metrics(
         });
     }
     {
-        let store = app.store.clone();
+        // The store's writer finds out whether it can write (failed commits, a periodic probe,
+        // the file's identity); health follows it both ways without a restart.
+        let mut writable = app.store.writable_changes();
         let health = health.clone();
-        let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        periodic(&mut jobs, HEALTH_PROBE_EVERY, stop_rx.clone(), move || {
-            let (store, health, serving) = (store.clone(), health.clone(), serving.clone());
-            async move {
-                let ok = store.ping().await.is_ok();
-                if serving.swap(ok, std::sync::atomic::Ordering::SeqCst) == ok {
-                    return;
-                }
-                tracing::warn!(serving = ok, "store health changed");
+        let stop = stop_rx.clone();
+        jobs.spawn(async move {
+            let stop = stopped(stop);
+            tokio::pin!(stop);
+            loop {
+                let ok = *writable.borrow_and_update();
                 let status = if ok {
                     tonic_health::ServingStatus::Serving
                 } else {
@@ -336,6 +340,10 @@ pub async fn run_with_metrics(
                 };
                 for name in SERVICES {
                     health.set_service_status(name, status).await;
+                }
+                tokio::select! {
+                    changed = writable.changed() => if changed.is_err() { break },
+                    () = &mut stop => break,
                 }
             }
         });

@@ -6,13 +6,22 @@
 //! single transaction with one fsync, then acknowledges each caller. An acknowledged write
 //! has therefore reached the disk and survives `kill -9`, without one fsync per request.
 //!
+//! Faults: a batch that cannot commit (disk full, I/O error, the file removed under the server)
+//! answers UNAVAILABLE to exactly its callers and marks the store unable to write ([`health`]);
+//! from then on writes are refused at once and health is NOT_SERVING until the writer's probe
+//! commits again. One operation that fails on its own ([`StoreError::Rejected`]) fails only its
+//! caller.
+//!
 //! Backends are chosen by URL. `sqlite:` is the embedded default; a PostgreSQL backend is a
 //! second implementation of the same operations (a new [`Backend`] variant), not a rewrite.
 
 mod group_commit;
+mod health;
 mod sqlite;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Timestamp;
 use crate::model::{
@@ -41,6 +50,10 @@ pub enum StoreError {
     /// Data in the store does not decode (a bug or tampering).
     #[error("store data corrupt: {0}")]
     Corrupt(String),
+    /// The store refused this one write (a constraint it breaks); nothing of it was stored,
+    /// and the other writes of its batch were not affected. A bug, not an outage.
+    #[error("write rejected: {0}")]
+    Rejected(String),
 }
 
 impl StoreError {
@@ -50,6 +63,7 @@ impl StoreError {
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Config(_) => "config",
             StoreError::Corrupt(_) => "corrupt",
+            StoreError::Rejected(_) => "rejected",
         }
     }
 }
@@ -163,8 +177,9 @@ enum Backend {
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    backend: std::sync::Arc<Backend>,
+    backend: Arc<Backend>,
     writes: mpsc::Sender<group_commit::Pending>,
+    health: Arc<health::Health>,
 }
 
 impl std::fmt::Debug for Store {
@@ -177,11 +192,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the store at `url`, runs migrations and starts the group-commit writer.
+    /// Opens the store at `url` with no free-space reserve: for one-off commands such as
+    /// `hexveil merchant add`, which read no config and write a row or two. The server opens
+    /// with [`Store::open_with_reserve`] and the configured `store.min_free_mb`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with_reserve(url, 0).await
+    }
+
+    /// Opens the store at `url`, runs migrations and starts the group-commit writer, which
+    /// refuses to write while the database's file system has less than `min_free_bytes` free.
+    pub async fn open_with_reserve(url: &str, min_free_bytes: u64) -> Result<Store, StoreError> {
         let (tx, rx) = mpsc::channel(group_commit::QUEUE_DEPTH);
+        let health = Arc::new(health::Health::default());
         let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite(sqlite::SqliteStore::open(url, rx).await?)
+            Backend::Sqlite(
+                sqlite::SqliteStore::open(url, rx, health.clone(), min_free_bytes).await?,
+            )
         } else {
             return Err(StoreError::Config(format!(
                 "unsupported store URL scheme in {:?} (this build supports sqlite:)",
@@ -189,13 +215,31 @@ impl Store {
             )));
         };
         Ok(Store {
-            backend: std::sync::Arc::new(backend),
+            backend: Arc::new(backend),
             writes: tx,
+            health,
         })
     }
 
-    /// Enqueues `op` and waits until it is durably committed.
+    /// Whether the store can write now (false from a failed commit until a probe succeeds).
+    pub fn is_writable(&self) -> bool {
+        self.health.is_writable()
+    }
+
+    /// A receiver that sees every change of [`Store::is_writable`]; drives `grpc.health.v1`.
+    pub fn writable_changes(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
+    /// Enqueues `op` and waits until it is durably committed. While the store cannot write,
+    /// refuses at once: nothing is queued behind a fault.
     pub async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
+        if !self.health.is_writable() {
+            let cause = self.health.cause().unwrap_or("unknown");
+            return Err(StoreError::Unavailable(format!(
+                "the store cannot write ({cause})"
+            )));
+        }
         let (reply, done) = oneshot::channel();
         self.writes
             .send(group_commit::Pending { op, reply })

@@ -119,6 +119,10 @@ async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
 }
 
 async fn health(store: &Store) -> impl IntoResponse + use<> {
+    // Healthy means the store can both answer reads and take writes (as grpc.health.v1 says).
+    if !store.is_writable() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store cannot write\n");
+    }
     match store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n"),
         Err(e) => {

@@ -125,7 +125,9 @@ impl From<ApiError> for Status {
                         tracing::warn!(%detail, "store unavailable");
                         Status::unavailable("the store is unavailable; nothing was changed")
                     }
-                    StoreError::Config(detail) | StoreError::Corrupt(detail) => {
+                    StoreError::Config(detail)
+                    | StoreError::Corrupt(detail)
+                    | StoreError::Rejected(detail) => {
                         tracing::error!(%detail, "internal store error");
                         Status::internal("internal error")
                     }

@@ -13,7 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, SqlSafeStr};
 use tokio::sync::mpsc;
 
-use super::group_commit::{self, BatchWriter, Pending};
+use super::group_commit::{self, BatchFailure, BatchWriter, OpResult, Pending};
+use super::health::Health;
 use super::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
 use crate::model::{
@@ -42,8 +43,13 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
+        "store probe",
+        include_str!("migrations/sqlite/0004_store_probe.sql"),
+    ),
+    (
+        5,
         "privacy accounting",
-        include_str!("migrations/sqlite/0004_privacy_accounting.sql"),
+        include_str!("migrations/sqlite/0005_privacy_accounting.sql"),
     ),
 ];
 
@@ -73,7 +79,12 @@ pub(crate) struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the file named by `url`, migrates it and starts the writer
     /// task draining `rx`.
-    pub(crate) async fn open(url: &str, rx: mpsc::Receiver<Pending>) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        url: &str,
+        rx: mpsc::Receiver<Pending>,
+        health: std::sync::Arc<Health>,
+        min_free_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("store.url: {e}")))?
             .create_if_missing(true)
@@ -95,9 +106,20 @@ impl SqliteStore {
             .map_err(|e| StoreError::Config(format!("migration failed: {e}")))?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
-        tokio::spawn(group_commit::run(SqliteWriter { conn: writer }, rx));
+        let path = options.get_filename().to_path_buf();
+        let identity = file_identity(&path);
+        let writer = SqliteWriter {
+            conn: Some(writer),
+            // A reconnect after a fault must never create a fresh, empty database in place of
+            // the one that went missing.
+            options: options.create_if_missing(false),
+            path,
+            identity,
+            min_free_bytes,
+        };
+        tokio::spawn(group_commit::run(writer, rx, health));
         Ok(SqliteStore { readers })
     }
 
@@ -708,23 +730,254 @@ fn receipt_from_row(device: DeviceId, r: &SqliteRow) -> Result<ConsentReceipt, S
     })
 }
 
+/// The one writer connection, fed by the group-commit queue.
 struct SqliteWriter {
-    conn: SqliteConnection,
+    /// `None` after a failed batch: the connection is discarded (whatever state SQLite left it
+    /// in) and a fresh one is opened for the next batch.
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+    path: std::path::PathBuf,
+    /// The database file's identity when it was opened; `None` for an in-memory database.
+    identity: Option<(u64, u64)>,
+    /// Free space the file system must keep (`store.min_free_mb`); 0 disables the check.
+    min_free_bytes: u64,
 }
 
-impl BatchWriter for SqliteWriter {
-    async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteResult>, StoreError> {
-        let mut tx = self.conn.begin().await?;
+/// (device, inode) of `path`, if it exists.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Bytes available to this process on the file system holding `path`, if it can be read.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` points to writable
+    // memory of the right type, which statvfs fills in when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 or u64); widen both.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    Some(u64::from(st.f_bavail).saturating_mul(st.f_frsize as u64))
+}
+
+/// How one failed statement is handled: only its operation, or the whole batch.
+enum Failure {
+    /// This operation breaks a constraint (or is malformed): roll back just it.
+    Op(sqlx::Error),
+    /// The transaction cannot go on (disk full, I/O, locked, ...): nothing commits.
+    Batch(BatchFailure),
+}
+
+/// SQLite primary result codes that belong to one statement, not to the database: TOOBIG,
+/// CONSTRAINT, MISMATCH, RANGE.
+const PER_OP_CODES: [i64; 4] = [18, 19, 20, 25];
+
+fn classify(e: sqlx::Error) -> Failure {
+    if let sqlx::Error::Database(db) = &e {
+        let code = db.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(1);
+        if PER_OP_CODES.contains(&(code & 0xff)) {
+            return Failure::Op(e);
+        }
+    }
+    if matches!(e, sqlx::Error::Encode(_)) {
+        return Failure::Op(e);
+    }
+    Failure::Batch(batch_failure(&e))
+}
+
+/// A bounded cause label for `e` (SQLite primary result code), with its message.
+fn batch_failure(e: &sqlx::Error) -> BatchFailure {
+    let cause = match e {
+        sqlx::Error::Database(db) => {
+            match db.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(1) & 0xff {
+                13 => "disk_full",
+                10 => "io",
+                5 | 6 => "busy",
+                8 => "read_only",
+                14 => "cannot_open",
+                11 | 26 => "corrupt",
+                _ => "other",
+            }
+        }
+        sqlx::Error::Io(_) => "io",
+        _ => "other",
+    };
+    BatchFailure {
+        cause,
+        detail: e.to_string(),
+    }
+}
+
+impl SqliteWriter {
+    /// The writer connection, reopened if the last batch discarded it.
+    async fn connection(&mut self) -> Result<&mut SqliteConnection, BatchFailure> {
+        if self.conn.is_none() {
+            let conn = SqliteConnection::connect_with(&self.options)
+                .await
+                .map_err(|e| batch_failure(&e))?;
+            self.conn = Some(conn);
+            // The file may have been swapped between the check and the open.
+            self.check_file()?;
+        }
+        // Unwrap safety: set just above when it was `None`.
+        Ok(self.conn.as_mut().expect("connection opened above"))
+    }
+
+    /// Rolls back whatever is open and drops the connection; the next batch reconnects.
+    async fn discard(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+            let _ = conn.close().await;
+        }
+    }
+
+    /// One attempt at the batch. With `savepoints`, each op runs inside its own savepoint and
+    /// an op that breaks a constraint is rolled back alone; without, the first such op aborts
+    /// the attempt (`Err(None)`) so the caller can retry with savepoints — the common case
+    /// pays for no savepoints at all.
+    async fn attempt(
+        &mut self,
+        ops: &[&WriteOp],
+        savepoints: bool,
+    ) -> Result<Vec<OpResult>, Option<BatchFailure>> {
+        let conn = self.connection().await.map_err(Some)?;
+        exec(conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| Some(batch_failure(&e)))?;
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
-            results.push(apply_one(&mut tx, op).await?);
+            if savepoints {
+                exec(conn, "SAVEPOINT op")
+                    .await
+                    .map_err(|e| Some(batch_failure(&e)))?;
+            }
+            match apply_one(conn, op).await.map_err(classify) {
+                Ok(r) => {
+                    if savepoints {
+                        exec(conn, "RELEASE op")
+                            .await
+                            .map_err(|e| Some(batch_failure(&e)))?;
+                    }
+                    results.push(Ok(r));
+                }
+                Err(Failure::Op(e)) if savepoints => {
+                    exec(conn, "ROLLBACK TO op")
+                        .await
+                        .map_err(|e| Some(batch_failure(&e)))?;
+                    exec(conn, "RELEASE op")
+                        .await
+                        .map_err(|e| Some(batch_failure(&e)))?;
+                    results.push(Err(StoreError::Rejected(e.to_string())));
+                }
+                Err(Failure::Op(_)) => {
+                    exec(conn, "ROLLBACK")
+                        .await
+                        .map_err(|e| Some(batch_failure(&e)))?;
+                    return Err(None);
+                }
+                Err(Failure::Batch(f)) => return Err(Some(f)),
+            }
         }
-        tx.commit().await?;
+        exec(conn, "COMMIT")
+            .await
+            .map_err(|e| Some(batch_failure(&e)))?;
         Ok(results)
     }
 }
 
-async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteResult, StoreError> {
+/// Runs one fixed statement (transaction control) on the writer.
+async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
+}
+
+impl BatchWriter for SqliteWriter {
+    async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<OpResult>, BatchFailure> {
+        let outcome = match self.attempt(ops, false).await {
+            Err(None) => self.attempt(ops, true).await,
+            other => other,
+        };
+        match outcome {
+            Ok(results) => Ok(results),
+            Err(failure) => {
+                // Whatever SQLite left open (a failed COMMIT can leave the transaction
+                // active), the next batch starts on a fresh connection.
+                self.discard().await;
+                Err(failure.unwrap_or_else(|| BatchFailure {
+                    cause: "other",
+                    detail: "a write was rejected even inside its own savepoint".into(),
+                }))
+            }
+        }
+    }
+
+    fn check_file(&mut self) -> Result<(), BatchFailure> {
+        let Some(opened) = self.identity else {
+            return Ok(());
+        };
+        match file_identity(&self.path) {
+            Some(now) if now == opened => {
+                if self.min_free_bytes > 0
+                    && let Some(free) = free_bytes(&self.path)
+                    && free < self.min_free_bytes
+                {
+                    return Err(BatchFailure {
+                        cause: "disk_reserve",
+                        detail: format!(
+                            "{free} bytes free on the file system of {}, below the reserve of \
+                             {} bytes (store.min_free_mb)",
+                            self.path.display(),
+                            self.min_free_bytes
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            found => Err(BatchFailure {
+                cause: "file_removed",
+                detail: format!(
+                    "database file {} was {} under the running server",
+                    self.path.display(),
+                    if found.is_some() {
+                        "replaced"
+                    } else {
+                        "removed"
+                    }
+                ),
+            }),
+        }
+    }
+
+    async fn probe(&mut self) -> Result<(), BatchFailure> {
+        let result = async {
+            let conn = self.connection().await?;
+            // 64 KiB that must fit: fresh pages in the file (or the WAL), handed back at once.
+            sqlx::raw_sql(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO store_probe (id, filler) VALUES (1, randomblob(65536));
+                 DELETE FROM store_probe;
+                 COMMIT;",
+            )
+            .execute(conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| batch_failure(&e))
+        }
+        .await;
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
+    }
+}
+
+async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteResult, sqlx::Error> {
     match op {
         WriteOp::PutConsent { receipt, now } => {
             let device = &receipt.device.0[..];
@@ -1073,7 +1326,7 @@ async fn notify(
     conn: &mut SqliteConnection,
     n: &Notification,
     limits: Option<DeliveryLimits>,
-) -> Result<WriteResult, StoreError> {
+) -> Result<WriteResult, sqlx::Error> {
     let device = &n.device.0[..];
     // Recorded only if, in this transaction, the device still consents to offers, the
     // merchant is not revoked and the offer exists: whatever another process or node changed
@@ -1137,3 +1390,6 @@ async fn notify(
         .await?;
     Ok(WriteResult::Count(1))
 }
+
+#[cfg(test)]
+mod tests;

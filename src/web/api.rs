@@ -109,7 +109,9 @@ impl IntoResponse for JsonError {
                             None,
                         )
                     }
-                    StoreError::Config(detail) | StoreError::Corrupt(detail) => {
+                    StoreError::Config(detail)
+                    | StoreError::Corrupt(detail)
+                    | StoreError::Rejected(detail) => {
                         tracing::error!(%detail, "internal store error");
                         body(
                             StatusCode::INTERNAL_SERVER_ERROR,

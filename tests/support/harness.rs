@@ -170,8 +170,14 @@ impl BinServer {
     }
 
     pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BinServer {
-        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let stderr_path = dir.join(format!("stderr-{n}.log"));
+        Self::spawn_in(dir, dir, extra, env)
+    }
+
+    /// Like [`BinServer::spawn_with_env`], with the logs in `log_dir` and the data (database,
+    /// key) in `dir`: for tests that fill the data's file system.
+    pub fn spawn_in(log_dir: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BinServer {
+        let n = std::fs::read_dir(log_dir).map(|d| d.count()).unwrap_or(0);
+        let stderr_path = log_dir.join(format!("stderr-{n}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let store = format!("sqlite://{}/hexveil.db", dir.display());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hexveil"));
