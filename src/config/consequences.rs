@@ -30,6 +30,13 @@ pub struct CapConsequences {
 /// One release series' share of the per-device daily budget. The promise is their total:
 /// zCDP ρ adds up over Gaussian releases (then converts to one (ε, δ)), pure ε adds up over
 /// Laplace ones. A new release series (the daily foot-traffic release) is one more part.
+///
+/// The unit is any 24 hours of one device's activity. A part must state what such a window
+/// can cost it: the hourly releases enforce their bound over a rolling window
+/// (`privacy::contrib`); offer statistics are per UTC day but their input, deliveries, is
+/// bounded by the caps' rolling windows. A per-UTC-day release whose own bound is per UTC day
+/// (the daily release) is touched by two days in a window straddling midnight, so its part is
+/// twice one day's cost unless its bound is made rolling too.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BudgetPart {
     /// `"hourly_foot_traffic"`, `"offer_stats"`, …
@@ -249,4 +256,42 @@ fn privacy_consequences(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_promise_is_one_total_over_every_release_series() {
+        let config = Config::default();
+        let c = Consequences::of(&config).unwrap();
+        let p = &c.privacy;
+        let parts: Vec<&str> = p.budget.iter().map(|b| b.release).collect();
+        assert_eq!(parts, ["hourly_foot_traffic", "offer_stats"]);
+        let offer = &p.budget[1];
+        assert!((offer.rho - config.privacy.offer_stats_rho_per_day).abs() < 1e-12);
+        let total: f64 = p.budget.iter().map(|b| b.rho).sum();
+        assert!((total - p.rho_per_device_per_day).abs() < 1e-12);
+        let eps = accounting::zcdp_to_epsilon(total, p.delta).unwrap();
+        assert!((eps - p.epsilon_per_device_per_day).abs() < 1e-9);
+        // The hourly part alone would promise less: the offer statistics are not free.
+        let hourly = accounting::zcdp_to_epsilon(p.budget[0].rho, p.delta).unwrap();
+        assert!(hourly < p.epsilon_per_device_per_day);
+        // Defaults: 3 deliveries a day, 1 per offer: squared L2 sensitivity 2 * 3 * 1.
+        assert_eq!(p.offer_stats.l2_sensitivity_sq, 6.0);
+    }
+
+    #[test]
+    fn offer_statistics_can_break_the_promise_and_are_refused_then() {
+        let mut config = Config::default();
+        config.privacy.offer_stats_rho_per_day = 0.05;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+        assert!(err.to_string().contains("offer_stats_rho_per_day"), "{err}");
+        config.privacy.mechanism = MechanismKind::Laplace;
+        config.privacy.offer_stats_epsilon_per_day = 1.5;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+    }
 }
