@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use consequences::{CapConsequences, Consequences, PrivacyConsequences};
+pub use consequences::{
+    BudgetPart, CapConsequences, Consequences, OfferStatsConsequences, PrivacyConsequences,
+};
 pub use duration::Dur;
 
 /// Environment variable prefix for config overrides (`HEXVEIL_CAPS__MIN_DWELL=10m`).
@@ -85,8 +87,11 @@ pub struct Config {
 pub struct ServerConfig {
     /// gRPC listen address.
     pub grpc_listen: SocketAddr,
-    /// HTTP listen address (dashboard, `/healthz`, `/metrics`).
+    /// HTTP listen address (dashboard, its JSON API, `/healthz`): merchant-facing.
     pub http_listen: SocketAddr,
+    /// Operator-only listener for Prometheus `/metrics` (and `/healthz`); never served on
+    /// the merchant-facing port. Keep it on loopback or a private network.
+    pub metrics_listen: SocketAddr,
     // Transport bounds of both listeners (what one client may hold of the server), applied
     // by `crate::transport` and read once at start like the listen addresses.
     /// Open connections per listener; beyond it, new clients wait in the kernel's backlog.
@@ -120,6 +125,7 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             max_connections: 1000,
             max_concurrent_streams: 100,
             max_in_flight: 512,
@@ -454,12 +460,16 @@ pub struct PrivacyConfig {
     pub mechanism: MechanismKind,
     /// A device counts in at most this many cells per bucket.
     pub max_cells_per_bucket: u32,
-    /// A device counts in at most this many (cell, bucket) pairs per UTC day.
+    /// A device counts in at most this many (cell, bucket) pairs in any 24 hours.
     pub max_contributions_per_day: u32,
     /// Laplace: epsilon spent per release on a device at the per-bucket bound.
     pub epsilon_per_bucket: f64,
     /// Gaussian: zCDP rho spent per release on a device at the per-bucket bound.
     pub rho_per_bucket: f64,
+    /// Gaussian: zCDP rho a device can spend per day on offer statistics.
+    pub offer_stats_rho_per_day: f64,
+    /// Laplace: epsilon a device can spend per day on offer statistics.
+    pub offer_stats_epsilon_per_day: f64,
     /// Noisy counts below this are released as suppressed.
     pub threshold: u32,
     /// The promise: a config whose schedule spends more per device per day is refused.
@@ -475,6 +485,8 @@ impl Default for PrivacyConfig {
             max_contributions_per_day: 24,
             epsilon_per_bucket: 0.1,
             rho_per_bucket: 0.01,
+            offer_stats_rho_per_day: 0.01,
+            offer_stats_epsilon_per_day: 0.2,
             threshold: 20,
             max_epsilon_per_device_per_day: 2.0,
             delta: 1e-6,
@@ -716,17 +728,31 @@ impl Config {
         if p.threshold > 1_000_000 {
             return Err(inv("privacy.threshold", "must be at most 1000000"));
         }
+        in_range(
+            p.offer_stats_rho_per_day,
+            RHO_RANGE,
+            "privacy.offer_stats_rho_per_day",
+        )?;
+        in_range(
+            p.offer_stats_epsilon_per_day,
+            EPSILON_RANGE,
+            "privacy.offer_stats_epsilon_per_day",
+        )?;
         let consequences = Consequences::of(self).map_err(|e| inv("privacy", e.to_string()))?;
         let eps = consequences.privacy.epsilon_per_device_per_day;
         if eps > p.max_epsilon_per_device_per_day {
             let spent_by = match p.mechanism {
-                MechanismKind::Gaussian => "privacy.rho_per_bucket",
-                MechanismKind::Laplace => "privacy.epsilon_per_bucket",
+                MechanismKind::Gaussian => {
+                    "privacy.rho_per_bucket, privacy.offer_stats_rho_per_day"
+                }
+                MechanismKind::Laplace => {
+                    "privacy.epsilon_per_bucket, privacy.offer_stats_epsilon_per_day"
+                }
             };
             return Err(inv(
                 "privacy.max_epsilon_per_device_per_day",
                 format!(
-                    "the release schedule spends epsilon = {eps:.3} per device per day (delta = {}), \
+                    "the release schedule spends epsilon = {eps:.3} per device in any 24 hours (delta = {}), \
                      more than the promised {}; lower {spent_by}, privacy.max_cells_per_bucket or \
                      privacy.max_contributions_per_day, or lengthen insights.bucket",
                     p.delta, p.max_epsilon_per_device_per_day

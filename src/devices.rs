@@ -54,7 +54,8 @@ pub struct Extra {
     /// Per notification (same order): its id and the cell it was sent in.
     pub meta: Vec<(uuid::Uuid, u64)>,
     pub standings: Vec<(MerchantId, Standing)>,
-    /// Unreleased foot-traffic contributions (bucket, cell), for contribution bounding.
+    /// Foot-traffic contributions (bucket, cell) for contribution bounding: unreleased ones,
+    /// and released ones of the last day with their cell forgotten.
     pub contrib: Vec<(Timestamp, u64)>,
 }
 
@@ -256,11 +257,23 @@ impl Devices {
         self.len() == 0
     }
 
-    /// Restores contribution bounds from the unreleased contributions in the store.
-    pub fn load_contributions(&self, rows: Vec<(DeviceId, u64, Timestamp)>) {
+    /// Restores contribution bounds from the unreleased contributions in the store and the
+    /// spend of released buckets (pairs without their cells) that still counts towards the
+    /// rolling per-day bound.
+    pub fn load_contributions(
+        &self,
+        rows: Vec<(DeviceId, u64, Timestamp)>,
+        released_spend: Vec<(DeviceId, Timestamp, u32)>,
+    ) {
         for (device, cell, bucket) in rows {
             if let Some(state) = self.lock(&device).get_mut(&device) {
                 state.contributions().push((bucket, cell));
+            }
+        }
+        for (device, bucket, pairs) in released_spend {
+            if let Some(state) = self.lock(&device).get_mut(&device) {
+                let held = state.contributions();
+                held.extend((0..pairs).map(|_| (bucket, crate::privacy::contrib::FORGOTTEN)));
             }
         }
     }

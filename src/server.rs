@@ -105,7 +105,14 @@ impl App {
             notifications,
             store.load_restrictions().await?,
         );
-        devices.load_contributions(store.load_contributions().await?);
+        let released_through = store
+            .last_release()
+            .await?
+            .unwrap_or(crate::clock::Timestamp(i64::MIN));
+        devices.load_contributions(
+            store.load_contributions().await?,
+            store.load_contribution_spend(released_through).await?,
+        );
         offers.refresh().await?;
         tracing::info!(
             devices = devices.len(),
@@ -172,12 +179,26 @@ pub struct Bound {
     pub http: SocketAddr,
 }
 
-/// Serves `app` on the given listeners until `shutdown` resolves, then drains and returns.
+/// Serves `app` on the given listeners until `shutdown` resolves, then drains and returns
+/// (without the operator's metrics listener; see [`run_with_metrics`]).
 pub async fn run(
     app: App,
     source: ConfigSource,
     grpc: TcpListener,
     http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_metrics(app, source, grpc, http, None, shutdown).await
+}
+
+/// Like [`run`], also serving Prometheus `/metrics` on the operator-only `metrics` listener
+/// (`server.metrics_listen`) — never on the merchant-facing HTTP port.
+pub async fn run_with_metrics(
+    app: App,
+    source: ConfigSource,
+    grpc: TcpListener,
+    http: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -266,6 +287,18 @@ pub async fn run(
     let http_server = async {
         crate::transport::serve_http(http, web, limits, stopped(stop_rx.clone())).await;
         anyhow::Ok(())
+    };
+    // The operator's listener (metrics) gets the same transport bounds as the merchant one.
+    let metrics_server = {
+        let stop = stopped(stop_rx.clone());
+        let store = app.store.clone();
+        async move {
+            if let Some(l) = metrics {
+                crate::transport::serve_http(l, crate::web::operator_router(store), limits, stop)
+                    .await;
+            }
+            anyhow::Ok(())
+        }
     };
 
     let mut jobs = tokio::task::JoinSet::new();
@@ -358,16 +391,17 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let servers = async { tokio::join!(grpc_server, http_server) };
+    let servers = async { tokio::join!(grpc_server, http_server, metrics_server) };
     tokio::pin!(servers);
     let drain_deadline = async {
         stopped(stop_rx.clone()).await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        (g, h) = &mut servers => {
+        (g, h, m) = &mut servers => {
             g.context("gRPC server failed")?;
             h.context("HTTP server failed")?;
+            m.context("metrics server failed")?;
         }
         () = drain_deadline => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "clients kept connections open; closing them");

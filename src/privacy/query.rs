@@ -117,9 +117,14 @@ pub async fn foot_traffic(
         InsightsScope::All => None,
     };
     let mut groups = Vec::with_capacity(cells_in.len());
+    let mut seen = BTreeSet::new();
     let mut covered = 0_u64;
     for (i, cell) in cells_in.iter().enumerate() {
         let m = members(*cell, config, i)?;
+        // A cell listed twice is one series: answers never depend on how often it is named.
+        if !seen.insert(*cell) {
+            continue;
+        }
         covered += m.len() as u64;
         if covered > MAX_MEMBERS {
             return Err(invalid(
@@ -183,7 +188,8 @@ fn check_points(
     Ok(())
 }
 
-fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
+/// Checks a query's time range (shared by every merchant read).
+pub(crate) fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
     if end <= start {
         return Err(invalid("end", "must be after start"));
     }
@@ -206,7 +212,14 @@ async fn answer(
     granularity: Granularity,
 ) -> Result<Vec<Point>, QueryError> {
     let config = &settings.config;
-    let all: Vec<u64> = groups.iter().flat_map(|(_, m)| m.iter().copied()).collect();
+    // Each released row is read once, however many requested cells (a cell and its parent,
+    // say) it belongs to; each series then sums its own members once.
+    let all: Vec<u64> = groups
+        .iter()
+        .flat_map(|(_, m)| m.iter().copied())
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     let released = store.released(&all, start, end).await?;
     let ledger: HashMap<i64, (Mechanism, f64)> = store
         .ledger(start, end)

@@ -157,6 +157,8 @@ pub struct BinServer {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The operator-only metrics listener.
+    pub metrics: SocketAddr,
     pub stderr_path: PathBuf,
 }
 
@@ -184,6 +186,8 @@ impl BinServer {
             "--grpc-listen",
             "127.0.0.1:0",
             "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
         ])
         .args(["--store", &store, "--data-dir", &dir.display().to_string()])
@@ -219,6 +223,7 @@ impl BinServer {
         BinServer {
             grpc: addr("grpc="),
             http: addr("http="),
+            metrics: addr("metrics="),
             child,
             stderr_path,
         }
@@ -282,6 +287,44 @@ pub async fn dump_db(path: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Rows that name `device` in every per-device table of the SQLite file.
+pub async fn rows_of_device(db: &Path, device: &hexveil::pseudonym::DeviceId) -> usize {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut n = 0;
+    for t in [
+        "devices",
+        "consent_receipts",
+        "notifications",
+        "restrictions",
+        "contributions",
+        "contribution_spend",
+    ] {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t} WHERE device = ?"));
+        let c: i64 = sqlx::query_scalar(sql)
+            .bind(&device.0[..])
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        n += c as usize;
+    }
+    n
+}
+
+/// Rows of `table` that name `device`.
+pub async fn rows_in(db: &Path, table: &str, device: &hexveil::pseudonym::DeviceId) -> i64 {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table} WHERE device = ?"));
+    sqlx::query_scalar(sql)
+        .bind(&device.0[..])
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
 /// A token that passes validation, unique per `n`.
