@@ -201,6 +201,9 @@ pub async fn run_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Metrics are recorded from the first request whether or not a metrics listener is
+    // served (an embedding program or a test may render them itself).
+    let _ = crate::telemetry::prometheus();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
