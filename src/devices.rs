@@ -32,6 +32,9 @@ pub struct DeviceState {
     last_activity_s: u32,
     /// GCRA theoretical arrival time, tenths of a second since 2020, rounded down.
     gcra_ds: u32,
+    /// When the device row (dwell, last activity) was last queued for the store, seconds
+    /// since 2020: reports in between that change no durable fact are not written.
+    persisted_s: u32,
     dwell: CompactDwell,
     /// Everything only some devices have: notifications, standings, contributions.
     pub extra: Option<Box<Extra>>,
@@ -81,6 +84,17 @@ impl DeviceState {
 
     pub fn set_last_activity(&mut self, t: Timestamp) {
         self.last_activity_s = to_secs(t, false);
+    }
+
+    /// Whether the device row was last written at least `every` before `now`.
+    pub fn persist_due(&self, now: Timestamp, every: std::time::Duration) -> bool {
+        let age = i64::from(to_secs(now, false)) - i64::from(self.persisted_s);
+        age >= every.as_secs() as i64
+    }
+
+    /// Notes that the device row, as it is now, has been queued for the store.
+    pub fn mark_persisted(&mut self, now: Timestamp) {
+        self.persisted_s = to_secs(now, false);
     }
 
     /// The device's dwell, if it has reported.
@@ -294,6 +308,7 @@ impl Devices {
                 ..DeviceState::default()
             };
             state.set_last_activity(row.last_activity);
+            state.mark_persisted(row.last_activity);
             if let Some(d) = row.dwell {
                 state.set_dwell(d);
             }

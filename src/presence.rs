@@ -63,6 +63,10 @@ pub enum PresenceError {
     Store(#[from] StoreError),
 }
 
+/// How often a device's row (last sighting, last activity) is refreshed in the store while
+/// nothing durable changes: the recovered dwell after a crash is at most this stale.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
 /// Pending durable effects of a decision; the reply may be released once it resolves.
 pub type Commit = Option<WriteOp>;
 
@@ -151,19 +155,36 @@ impl Presence {
             )
             .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
 
+        let prev = state.dwell();
         let dwell = caps::update_dwell(
-            state.dwell(),
+            prev,
             cell,
             r.observed_at,
             config.offers.max_report_age.get(),
         );
         state.set_dwell(dwell);
         state.set_last_activity(now);
-        let mut ops = vec![WriteOp::Presence {
+        // Durable work only for new facts: a dwell that starts (or a new current cell) is
+        // written before the reply; a report that only moves "last seen" is answered from
+        // memory, and the row is refreshed behind it at most every TOUCH_EVERY. After a
+        // crash the recovered last sighting is older than the real one, so a dwell that
+        // cannot be proven continuous restarts: fewer offers, never more.
+        let new_fact = prev.is_none_or(|p| {
+            p.cell != dwell.cell || p.anchor != dwell.anchor || p.since != dwell.since
+        });
+        let row = WriteOp::Presence {
             device: r.device,
             dwell,
             now,
-        }];
+        };
+        let mut ops = Vec::new();
+        if new_fact {
+            ops.push(row);
+            state.mark_persisted(now);
+        } else if state.persist_due(now, TOUCH_EVERY) {
+            self.store.write_behind(row);
+            state.mark_persisted(now);
+        }
         // Foot traffic counts every accepted report of a consenting device, offer or not.
         if let Some(op) =
             self.insights
@@ -225,10 +246,10 @@ impl Presence {
         if let Some(reason) = decision.reason {
             metrics::counter!("hexveil_no_offer_total", "reason" => reason.as_str()).increment(1);
         }
-        let op = if ops.len() == 1 {
-            ops.pop()
-        } else {
-            Some(WriteOp::Many(ops))
+        let op = match ops.len() {
+            0 => None,
+            1 => ops.pop(),
+            _ => Some(WriteOp::Many(ops)),
         };
         Ok((decision, op))
     }

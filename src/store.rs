@@ -249,6 +249,24 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
+    /// Queues `op` without waiting for it: for facts that may be lost in a crash because the
+    /// state recovered without them errs toward fewer offers (a device's last sighting).
+    /// Dropped, and counted, when the store cannot write or the queue is full.
+    pub fn write_behind(&self, op: WriteOp) {
+        if !self.health.is_writable() {
+            metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        if self
+            .writes
+            .try_send(group_commit::Pending { op, reply })
+            .is_err()
+        {
+            metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
+        }
+    }
+
     /// Stores a consent receipt (durably) and marks the device active.
     pub async fn put_consent(
         &self,

@@ -327,6 +327,47 @@ pub async fn rows_in(db: &Path, table: &str, device: &hexveil::pseudonym::Device
         .unwrap()
 }
 
+/// Registers a merchant at `cell` with the real CLI (`hexveil merchant add --json`) on the
+/// store at `store_url`; returns its API key.
+pub fn cli_merchant_add(store_url: &str, name: &str, cell: h3o::CellIndex) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hexveil"))
+        .args(["merchant", "add", "--store", store_url, "--name", name])
+        .args(["--cell", &format!("{cell:x}"), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    added["api_key"].as_str().unwrap().to_string()
+}
+
+/// Upserts one offer at `cell` (radius 1, valid from a minute ago for a day, a budget of a
+/// million a day) for the merchant holding `key`, against the real system time.
+pub async fn upsert_offer_now(ch: &Channel, key: &str, title: &str, cell: h3o::CellIndex) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    merchant_client(ch.clone(), Some(key))
+        .upsert_offer(pb::UpsertOfferRequest {
+            offer: Some(pb::Offer {
+                title: title.into(),
+                cell: cell.into(),
+                radius_k: 1,
+                valid_from: at(now - 60),
+                valid_until: at(now + 86_400),
+                max_notifications_per_day: 1_000_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 /// A token that passes validation, unique per `n`.
 pub fn token(n: u32) -> String {
     format!("test-device-token-{n:08}")
