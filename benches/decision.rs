@@ -9,7 +9,8 @@
 //! - RAM: live heap bytes before/after inserting the devices (`Devices::set_purposes`, both
 //!   purposes), then after 10% of them reported once through `decide` and got an offer (the
 //!   cost of a notification log and of the foot-traffic contributions held per device).
-//! - `index/candidates`: `OfferIndex::candidates` for cells drawn from the city area.
+//! - `index/visit`: `OfferIndex::visit` as a decision runs it (rings nearest first, stopping at
+//!   the first offer) for cells drawn from the city area.
 //! - `decide/full_chain`: caps loosened so that nearly every report passes every rule and gets
 //!   an offer (quiet hours off, `min_dwell` 1 min, `min_interval` 1 min, day/week caps at
 //!   their maxima; per-merchant weekly cap, fatigue, per-offer and per-cell caps at defaults;
@@ -400,7 +401,14 @@ fn main() {
     let candidates: usize = cells
         .iter()
         .take(10_000)
-        .map(|c| index.candidates(*c, max_k, T0, UTC_OFFSET).len())
+        .map(|c| {
+            let mut n = 0;
+            index.visit(*c, max_k, T0, UTC_OFFSET, &[], |_, _| {
+                n += 1;
+                std::ops::ControlFlow::Continue(())
+            });
+            n
+        })
         .sum();
     let mean_candidates = candidates as f64 / cells.len().min(10_000) as f64;
     let area = cells.iter().collect::<HashSet<_>>().len();
@@ -461,12 +469,17 @@ fn main() {
 
     // Benchmarks.
     let mut group = criterion.benchmark_group("index");
-    group.bench_function("candidates", |b| {
+    group.bench_function("visit", |b| {
         let mut k = 0;
         let now = work.clock.now();
         b.iter(|| {
             k = (k + 1) % work.cells.len();
-            index.candidates(work.cells[k], max_k, now, UTC_OFFSET)
+            let mut first = None;
+            index.visit(work.cells[k], max_k, now, UTC_OFFSET, &[], |e, d| {
+                first = Some((e.offer.offer_id, d));
+                std::ops::ControlFlow::Break(())
+            });
+            first
         });
     });
     group.finish();
@@ -493,7 +506,7 @@ fn main() {
          RAM: {per_device:.0} bytes/device ({per_device_logs:.0} with a notification log and contributions on 10%)",
         fmt_num(criterion_estimate("decide/full_chain", started)),
         fmt_num(criterion_estimate("decide/default_caps", started)),
-        fmt_num(criterion_estimate("index/candidates", started)),
+        fmt_num(criterion_estimate("index/visit", started)),
     );
     drop(work);
     drop(runtime);

@@ -218,7 +218,10 @@ impl Consents {
     pub async fn expire_idle(&self) -> Result<u64, ConsentError> {
         let cutoff = self.clock.now().minus(self.retention());
         self.devices.expire_idle(cutoff);
-        let n = self.store.expire_idle(cutoff).await?;
+        // Memory knows last activity exactly; the rows only lazily. A device memory saw after
+        // the cutoff is written first, so the sweep never erases an active device.
+        let active = self.devices.active_but_stale(cutoff);
+        let n = self.store.expire_idle(cutoff, active).await?;
         if n > 0 {
             tracing::info!(devices = n, "retention expired idle devices");
         }

@@ -239,6 +239,8 @@ impl Devices {
         let state = shard.entry(id).or_default();
         state.purposes = purposes;
         state.set_last_activity(now);
+        // The consent write stores this activity with the receipt.
+        state.mark_persisted(now);
     }
 
     /// Forgets a device entirely.
@@ -256,6 +258,24 @@ impl Devices {
             n += before - shard.len();
         }
         n
+    }
+
+    /// Devices seen at or after `cutoff` whose row was last written before it (their last
+    /// activity is written lazily), with their last activity; each is marked as written, for
+    /// the caller writes them before the store's retention sweep.
+    pub fn active_but_stale(&self, cutoff: Timestamp) -> Vec<(DeviceId, Timestamp)> {
+        let mut out = Vec::new();
+        let cutoff_s = to_secs(cutoff, false);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, s) in shard.iter_mut() {
+                if s.last_activity_s >= cutoff_s && s.persisted_s <= cutoff_s {
+                    out.push((*id, s.last_activity()));
+                    s.persisted_s = s.last_activity_s;
+                }
+            }
+        }
+        out
     }
 
     /// Number of devices held.
@@ -309,9 +329,12 @@ impl Devices {
             };
             state.set_last_activity(row.last_activity);
             state.mark_persisted(row.last_activity);
-            if let Some(d) = row.dwell {
-                state.set_dwell(d);
-            }
+            // The stored dwell is not restored: the device's first report after a restart
+            // starts a new one. The row cannot prove the dwell was continuous up to the crash
+            // (its last sighting is written lazily, and a move whose write failed left an
+            // older dwell on disk than memory had) — so recovered state errs toward fewer
+            // offers, never more. (The row still shows the current cell to GetMyData.)
+            let _ = row.dwell;
             self.lock(&row.device).insert(row.device, state);
         }
         for n in notifications {

@@ -27,13 +27,6 @@ pub struct OfferEntry {
     pub sent: Mutex<VecDeque<Timestamp>>,
 }
 
-/// A candidate for a report: the offer and its grid distance from the device's cell.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub entry: Arc<OfferEntry>,
-    pub distance: u32,
-}
-
 #[derive(Debug, Default)]
 struct Inner {
     by_id: HashMap<OfferId, Arc<OfferEntry>>,
@@ -255,32 +248,6 @@ impl OfferIndex {
                 }
             }
         }
-    }
-
-    /// Every candidate near `cell`, ranked as [`OfferIndex::visit`] ranks them.
-    pub fn candidates(
-        &self,
-        cell: CellIndex,
-        max_k: u32,
-        now: Timestamp,
-        utc_offset_minutes: i32,
-    ) -> Vec<Candidate> {
-        let mut out = Vec::new();
-        self.visit(
-            cell,
-            max_k,
-            now,
-            utc_offset_minutes,
-            &[],
-            |entry, distance| {
-                out.push(Candidate {
-                    entry: entry.clone(),
-                    distance,
-                });
-                std::ops::ControlFlow::Continue(())
-            },
-        );
-        out
     }
 }
 

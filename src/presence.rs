@@ -181,8 +181,8 @@ impl Presence {
         if new_fact {
             ops.push(row);
             state.mark_persisted(now);
-        } else if state.persist_due(now, TOUCH_EVERY) {
-            self.store.write_behind(row);
+        } else if state.persist_due(now, TOUCH_EVERY) && self.store.write_behind(row) {
+            // Marked only once queued: a dropped refresh is tried again on the next report.
             state.mark_persisted(now);
         }
         // Foot traffic counts every accepted report of a consenting device, offer or not.
@@ -198,8 +198,8 @@ impl Presence {
             Err(reason) => no_offer(reason, cell),
             Ok(chosen) => {
                 let mut offers = Vec::with_capacity(chosen.len());
-                for (candidate, mut why) in chosen {
-                    let offer = candidate.entry.offer.clone();
+                for (entry, mut why) in chosen {
+                    let offer = entry.offer.clone();
                     let notification = Notification {
                         notification_id: uuid::Uuid::new_v4(),
                         device: r.device,
@@ -266,7 +266,7 @@ impl Presence {
         dwell: &crate::model::Dwell,
         now: Timestamp,
         config: &crate::config::Config,
-    ) -> Result<Vec<(crate::offers::Candidate, Explanation)>, Reason> {
+    ) -> Result<Vec<(Arc<crate::offers::OfferEntry>, Explanation)>, Reason> {
         if !state.purposes.contains(Purpose::NearbyOffers) {
             return Err(Reason::NoConsent);
         }
@@ -300,13 +300,13 @@ impl Presence {
             .min(allowance.remaining_day)
             .min(allowance.remaining_week) as usize;
         let mut first_reason = None;
-        let mut chosen: Vec<(crate::offers::Candidate, Explanation)> = Vec::new();
+        let mut chosen: Vec<(Arc<crate::offers::OfferEntry>, Explanation)> = Vec::new();
         self.index
             .visit(r.cell, max_k, now, offset, exclusions, |entry, distance| {
                 let offer = &entry.offer;
                 if chosen
                     .iter()
-                    .any(|(c, _)| c.entry.offer.merchant_id == offer.merchant_id)
+                    .any(|(c, _)| c.offer.merchant_id == offer.merchant_id)
                 {
                     return ControlFlow::Continue(());
                 }
@@ -340,13 +340,7 @@ impl Presence {
                             remaining_today: allowance.remaining_day,
                             remaining_this_week: allowance.remaining_week,
                         };
-                        chosen.push((
-                            crate::offers::Candidate {
-                                entry: entry.clone(),
-                                distance,
-                            },
-                            why,
-                        ));
+                        chosen.push((entry.clone(), why));
                     }
                     Err(reason) => {
                         first_reason.get_or_insert(reason);

@@ -94,6 +94,8 @@ pub enum WriteOp {
     EraseDevice { device: DeviceId },
     /// Deletes every device idle since before `cutoff`; yields the number of devices.
     ExpireIdle { cutoff: Timestamp },
+    /// Moves a device's stored last activity forward to `at` (never back).
+    Touch { device: DeviceId, at: Timestamp },
     /// Records where a consenting device is (its dwell) and marks it active.
     Presence {
         device: DeviceId,
@@ -251,20 +253,22 @@ impl Store {
 
     /// Queues `op` without waiting for it: for facts that may be lost in a crash because the
     /// state recovered without them errs toward fewer offers (a device's last sighting).
-    /// Dropped, and counted, when the store cannot write or the queue is full.
-    pub fn write_behind(&self, op: WriteOp) {
+    /// Dropped, and counted, when the store cannot write or the queue is full; returns
+    /// whether it was queued (so the caller can try again later).
+    pub fn write_behind(&self, op: WriteOp) -> bool {
         if !self.health.is_writable() {
             metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
-            return;
+            return false;
         }
         let (reply, _) = oneshot::channel();
-        if self
+        let queued = self
             .writes
             .try_send(group_commit::Pending { op, reply })
-            .is_err()
-        {
+            .is_ok();
+        if !queued {
             metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
         }
+        queued
     }
 
     /// Stores a consent receipt (durably) and marks the device active.
@@ -286,9 +290,20 @@ impl Store {
         }
     }
 
-    /// Erases every device idle since before `cutoff`; returns how many.
-    pub async fn expire_idle(&self, cutoff: Timestamp) -> Result<u64, StoreError> {
-        match self.write(WriteOp::ExpireIdle { cutoff }).await? {
+    /// Erases every device idle since before `cutoff`; returns how many. `active` are devices
+    /// seen after `cutoff` whose stored last activity may be older (it is written lazily):
+    /// their rows are brought up to date in the same transaction, before the sweep.
+    pub async fn expire_idle(
+        &self,
+        cutoff: Timestamp,
+        active: Vec<(DeviceId, Timestamp)>,
+    ) -> Result<u64, StoreError> {
+        let mut ops: Vec<WriteOp> = active
+            .into_iter()
+            .map(|(device, at)| WriteOp::Touch { device, at })
+            .collect();
+        ops.push(WriteOp::ExpireIdle { cutoff });
+        match self.write(WriteOp::Many(ops)).await? {
             WriteResult::Count(n) => Ok(n),
             WriteResult::Done => Ok(0),
         }

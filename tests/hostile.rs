@@ -950,3 +950,61 @@ async fn every_http_response_carries_its_security_headers() {
         }
     }
 }
+
+/// An open StreamPresence holds its slot of `server.max_in_flight` for as long as it is open
+/// (its handler returns at once): streams that are opened and never finished cannot pile up
+/// beyond the limit, and once they close the slots come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_count_against_max_in_flight_until_they_close() {
+    use hexveil::api::pb::presence_service_client::PresenceServiceClient;
+    const CAPACITY: usize = 4;
+    let server = TestServer::start(
+        &format!("[server]\nmax_in_flight = {CAPACITY}\n"),
+        Arc::new(SystemClock),
+    )
+    .await;
+    let ch = server.channel().await;
+    let mut held = Vec::new();
+    for _ in 0..CAPACITY {
+        // The sender is kept (and never closed): the stream stays open.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1);
+        let reply = PresenceServiceClient::new(ch.clone())
+            .stream_presence(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("within capacity");
+        held.push((tx, reply));
+    }
+    let policy = || {
+        let ch = ch.clone();
+        async move {
+            transparency_client(ch)
+                .get_privacy_policy(pb::GetPrivacyPolicyRequest {})
+                .await
+        }
+    };
+    let shed = policy()
+        .await
+        .expect_err("every slot is held by an open stream");
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    let (_, extra) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1);
+    let refused = PresenceServiceClient::new(ch.clone())
+        .stream_presence(tokio_stream::wrappers::ReceiverStream::new(extra))
+        .await
+        .expect_err("a fifth stream is shed too");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let health = HealthClient::new(ch.clone())
+        .check(HealthCheckRequest::default())
+        .await;
+    assert!(health.is_ok(), "health is never shed: {health:?}");
+    // Closing the streams gives the slots back.
+    drop(held);
+    let started = Instant::now();
+    while policy().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slots not returned after the streams closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}

@@ -424,12 +424,23 @@ async fn reqwest_healthz(addr: std::net::SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn a_removed_database_file_is_noticed_and_nothing_is_acknowledged_after_it() {
+    removed_file_is_noticed("hexveil.db").await;
+}
+
+/// The write-ahead log holds every acknowledged write since the last checkpoint: losing it
+/// is losing the database.
+#[tokio::test]
+async fn a_removed_write_ahead_log_is_noticed_and_nothing_is_acknowledged_after_it() {
+    removed_file_is_noticed("hexveil.db-wal").await;
+}
+
+async fn removed_file_is_noticed(file: &str) {
     let server = TestServer::start("", Arc::new(SystemClock)).await;
     let ch = server.channel().await;
     grant(&ch, &token(1), BOTH).await;
     assert_eq!(health(&ch).await, ServingStatus::Serving);
 
-    std::fs::remove_file(server.db_path()).unwrap();
+    std::fs::remove_file(server.dir.path().join(file)).unwrap();
     let took = wait_health(&ch, ServingStatus::NotServing, Duration::from_secs(5)).await;
     eprintln!("NOT_SERVING {took:?} after the file was removed");
     assert_eq!(reqwest_healthz(server.http).await, 503);
@@ -450,6 +461,9 @@ async fn a_removed_database_file_is_noticed_and_nothing_is_acknowledged_after_it
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(!server.db_path().exists(), "no empty database was created");
+    assert!(
+        !server.dir.path().join(file).exists(),
+        "nothing was created in place of the removed file"
+    );
     server.stop().await;
 }

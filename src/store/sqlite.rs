@@ -109,7 +109,16 @@ impl SqliteStore {
             .connect_with(options.clone().read_only(true))
             .await?;
         let path = options.get_filename().to_path_buf();
-        let identity = file_identity(&path);
+        // A connection that stays open for the store's life: SQLite deletes the write-ahead
+        // log when its last connection closes, and the writer closes its connection after a
+        // fault — the log must keep the identity it had when the store was opened.
+        let sentinel = match file_identity(&path) {
+            Some(_) => {
+                Some(SqliteConnection::connect_with(&options.clone().read_only(true)).await?)
+            }
+            None => None,
+        };
+        let identity = FileSet::of(&path);
         let writer = SqliteWriter {
             conn: Some(writer),
             // A reconnect after a fault must never create a fresh, empty database in place of
@@ -118,6 +127,7 @@ impl SqliteStore {
             path,
             identity,
             min_free_bytes,
+            _sentinel: sentinel,
         };
         tokio::spawn(group_commit::run(writer, rx, health));
         Ok(SqliteStore { readers })
@@ -737,16 +747,60 @@ struct SqliteWriter {
     conn: Option<SqliteConnection>,
     options: SqliteConnectOptions,
     path: std::path::PathBuf,
-    /// The database file's identity when it was opened; `None` for an in-memory database.
-    identity: Option<(u64, u64)>,
+    /// The database's files as they were when it was opened; `None` for an in-memory one.
+    identity: Option<FileSet>,
     /// Free space the file system must keep (`store.min_free_mb`); 0 disables the check.
     min_free_bytes: u64,
+    /// Keeps the write-ahead log (and shared-memory file) alive between writer connections.
+    _sentinel: Option<SqliteConnection>,
 }
 
 /// (device, inode) of `path`, if it exists.
 fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The identities of a database file, its write-ahead log and its shared-memory index.
+/// Deleting the log loses every acknowledged write since the last checkpoint at the next
+/// restart, so it is as much "the database" as the main file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileSet {
+    main: (u64, u64),
+    wal: Option<(u64, u64)>,
+    shm: Option<(u64, u64)>,
+}
+
+impl FileSet {
+    fn of(path: &std::path::Path) -> Option<FileSet> {
+        let with = |suffix: &str| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            file_identity(std::path::Path::new(&p))
+        };
+        Some(FileSet {
+            main: file_identity(path)?,
+            wal: with("-wal"),
+            shm: with("-shm"),
+        })
+    }
+
+    /// Which of the files opened is gone or replaced in `now`, if any.
+    fn missing(&self, now: Option<FileSet>) -> Option<&'static str> {
+        let Some(now) = now else {
+            return Some("database file");
+        };
+        if now.main != self.main {
+            return Some("database file");
+        }
+        if self.wal.is_some() && now.wal != self.wal {
+            return Some("write-ahead log (-wal)");
+        }
+        if self.shm.is_some() && now.shm != self.shm {
+            return Some("shared-memory index (-shm)");
+        }
+        None
+    }
 }
 
 /// Bytes available to this process on the file system holding `path`, if it can be read.
@@ -921,8 +975,8 @@ impl BatchWriter for SqliteWriter {
         let Some(opened) = self.identity else {
             return Ok(());
         };
-        match file_identity(&self.path) {
-            Some(now) if now == opened => {
+        match opened.missing(FileSet::of(&self.path)) {
+            None => {
                 if self.min_free_bytes > 0
                     && let Some(free) = free_bytes(&self.path)
                     && free < self.min_free_bytes
@@ -939,16 +993,11 @@ impl BatchWriter for SqliteWriter {
                 }
                 Ok(())
             }
-            found => Err(BatchFailure {
+            Some(which) => Err(BatchFailure {
                 cause: "file_removed",
                 detail: format!(
-                    "database file {} was {} under the running server",
+                    "the {which} of {} was removed or replaced under the running server",
                     self.path.display(),
-                    if found.is_some() {
-                        "replaced"
-                    } else {
-                        "removed"
-                    }
                 ),
             }),
         }
@@ -1033,6 +1082,16 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                     .rows_affected();
             }
             Ok(WriteResult::Count(erased))
+        }
+        WriteOp::Touch { device, at } => {
+            sqlx::query(
+                "UPDATE devices SET last_activity = MAX(last_activity, ?) WHERE device = ?",
+            )
+            .bind(at.millis())
+            .bind(&device.0[..])
+            .execute(&mut *conn)
+            .await?;
+            Ok(WriteResult::Done)
         }
         WriteOp::ExpireIdle { cutoff } => {
             for table in [

@@ -15,12 +15,17 @@ async fn writer(dir: &std::path::Path) -> SqliteWriter {
         .synchronous(SqliteSynchronous::Full);
     let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
     migrator().run(&mut conn).await.unwrap();
+    // As in production: a second connection keeps the log alive across writer reconnects.
+    let sentinel = SqliteConnection::connect_with(&options.clone().read_only(true))
+        .await
+        .unwrap();
     SqliteWriter {
         conn: Some(conn),
         options: options.create_if_missing(false),
-        identity: file_identity(&path),
+        identity: FileSet::of(&path),
         path,
         min_free_bytes: 0,
+        _sentinel: Some(sentinel),
     }
 }
 
@@ -182,4 +187,18 @@ async fn below_the_free_space_reserve_nothing_is_written() {
         .expect_err("no file system has that much free");
     assert_eq!(f.cause, "disk_reserve", "{}", f.detail);
     assert!(f.detail.contains("store.min_free_mb"));
+}
+
+#[tokio::test]
+async fn a_removed_write_ahead_log_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = writer(dir.path()).await;
+    w.apply(&[&consent(1)]).await.unwrap();
+    w.check_file().unwrap();
+    std::fs::remove_file(dir.path().join("hexveil.db-wal")).unwrap();
+    let f = w
+        .check_file()
+        .expect_err("the log holds acknowledged writes");
+    assert_eq!(f.cause, "file_removed");
+    assert!(f.detail.contains("-wal"), "{}", f.detail);
 }
