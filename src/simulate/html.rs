@@ -75,15 +75,20 @@ fn histogram(reports: &[&Report]) -> String {
         })
         .collect();
     let (w, h, left, bottom) = (560.0, 240.0, 44.0, 28.0);
+    // The axis ends at the next quarter above the tallest bar.
+    let top = (shares.iter().flatten().fold(0.0_f64, |a, b| a.max(*b)) * 4.0)
+        .ceil()
+        .max(1.0)
+        / 4.0;
     let group = (w - left) / max_n as f64;
     let bar = (group * 0.8) / reports.len() as f64;
     let mut svg = format!(
         r#"<svg id="histogram" viewBox="0 0 {w} {h}" role="img" aria-label="Notifications per device per day"><title>Share of devices per day with each number of notifications</title>"#
     );
-    axis(&mut svg, left, w, h, bottom, 1.0);
+    axis(&mut svg, left, w, h, bottom, top);
     for (i, s) in shares.iter().enumerate() {
         for (n, share) in s.iter().enumerate() {
-            let bh = share * (h - bottom - 10.0);
+            let bh = share / top * (h - bottom - 10.0);
             let x = left + n as f64 * group + group * 0.1 + i as f64 * bar;
             let _ = write!(
                 svg,
@@ -107,11 +112,12 @@ fn histogram(reports: &[&Report]) -> String {
     svg
 }
 
-/// A y axis from 0 to `top` (a share) with gridlines.
+/// A y axis from 0 to `top` (a share, a multiple of 25%) with a gridline every 25%.
 fn axis(svg: &mut String, left: f64, w: f64, h: f64, bottom: f64, top: f64) {
-    for k in 0..=4 {
-        let v = top * f64::from(k) / 4.0;
-        let y = h - bottom - (h - bottom - 10.0) * f64::from(k) / 4.0;
+    let steps = (top / 0.25).round().max(1.0) as u32;
+    for k in 0..=steps {
+        let v = 0.25 * f64::from(k);
+        let y = h - bottom - (h - bottom - 10.0) * v / top;
         let _ = write!(
             svg,
             r#"<line class="grid" x1="{left}" x2="{w}" y1="{y:.1}" y2="{y:.1}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}%</text>"#,
@@ -195,6 +201,17 @@ fn released_chart(r: &Report, i: usize) -> String {
         left - 4.0,
         y(top) + 8.0
     );
+    for (k, q) in pts.iter().enumerate() {
+        let hour = q.bucket_start_ms.div_euclid(3_600_000).rem_euclid(24);
+        if hour % 6 == 0 && q.bucket_start_ms % 3_600_000 == 0 {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{hour:02}:00</text>"#,
+                x(k),
+                h - 6.0
+            );
+        }
+    }
     if !pts.is_empty() {
         let mut band = String::new();
         for (k, q) in pts.iter().enumerate() {
