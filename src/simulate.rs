@@ -55,6 +55,7 @@ const CONCURRENCY: usize = 2048;
 /// Why a simulation could not run; the message names what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
+    /// The city file could not be read or parsed.
     #[error(transparent)]
     City(#[from] CityError),
     /// The city's merchants or offers were refused by the real registration path.
@@ -345,12 +346,15 @@ impl Simulation {
         let mut truth: HashMap<(i64, u64), u64> = HashMap::new();
         let mut pending: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
         let last = end + len + grace;
+        // Bucket ends and release times need not fall on a minute: each is handled at the
+        // first simulated minute at or after it.
+        let (mut next_end, mut next_due) = (START.millis() + len, START.millis() + len + grace);
         let mut t = START.millis();
-        while t <= last {
+        while t < last + 60_000 {
             clock.set(Timestamp(t));
-            if t > START.millis() && (t - START.millis()) % len == 0 {
+            while next_end <= t {
                 // The bucket that just ended is final: read its true counts before release.
-                let bucket = t - len;
+                let bucket = next_end - len;
                 for (cell, n) in app
                     .store
                     .bucket_counts(Timestamp(bucket))
@@ -359,9 +363,13 @@ impl Simulation {
                 {
                     truth.insert((bucket, cell), n);
                 }
+                next_end += len;
             }
-            if t >= START.millis() + len + grace && (t - grace) % len == 0 {
+            if next_due <= t {
                 app.insights.release_due().await.map_err(pipeline)?;
+                while next_due <= t {
+                    next_due += len;
+                }
             }
             if t > START.millis() && (t - START.millis()) % 86_400_000 == 0 {
                 app.consents.expire_idle().await.map_err(pipeline)?;

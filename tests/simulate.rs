@@ -483,3 +483,24 @@ fn html_page_renders_in_headless_chromium() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bucket_is_released_whatever_its_length_and_grace() {
+    let mut settings = example();
+    settings.config.insights.bucket = "30m".parse().unwrap();
+    settings.config.insights.grace = "90s".parse().unwrap();
+    let settings = Settings::new(settings.config).unwrap();
+    let report = sim(settings, 150, 2).run().await.unwrap();
+    let series = &report.privacy.series;
+    let last = series.last().expect("released points").bucket_start_ms;
+    assert_eq!(
+        last,
+        simulate::START.millis() + 47 * 1_800_000,
+        "the day's last half-hour is released"
+    );
+    assert!(
+        series
+            .windows(2)
+            .all(|w| w[1].bucket_start_ms - w[0].bucket_start_ms == 1_800_000)
+    );
+}

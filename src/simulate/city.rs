@@ -361,6 +361,15 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_city_parses() {
+        let city = City::parse(include_str!("../../docs/city.example.json"), "example").unwrap();
+        assert_eq!(city.merchants.len(), 3);
+        let resolved = city.resolved().unwrap();
+        assert_eq!(resolved[0].offers[0].1.len(), 7, "hours apply every day");
+        assert_eq!(u64::from(resolved[2].cell), 0x8839_3362_bbff_fff);
+    }
+
+    #[test]
     fn errors_name_the_json_path() {
         let m = r#"{"name": "A", "cell": "88283082a7fffff", "offers": [{"title": "t", "radius_k": "x"}]}"#;
         assert!(
