@@ -366,7 +366,7 @@ mod tests {
         assert_eq!(city.merchants.len(), 3);
         let resolved = city.resolved().unwrap();
         assert_eq!(resolved[0].offers[0].1.len(), 7, "hours apply every day");
-        assert_eq!(u64::from(resolved[2].cell), 0x8839_3362_bbff_fff);
+        assert_eq!(u64::from(resolved[2].cell), 0x0883_9336_2bbf_ffff);
     }
 
     #[test]
