@@ -14,6 +14,9 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Named explicitly: once any rerun-if-changed is printed, cargo watches only those files,
+    // and a change here (the codec path, say) must regenerate the services.
+    println!("cargo:rerun-if-changed=build.rs");
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -25,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Undecodable requests are INVALID_ARGUMENT, not tonic-prost's INTERNAL.
+        .codec_path("crate::api::codec::HexveilCodec")
         .compile_fds(fds)?;
     Ok(())
 }

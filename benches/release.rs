@@ -51,6 +51,21 @@ async fn rig() -> Rig {
         .await
         .unwrap();
     }
+    // Contributions are recorded only for devices the store knows consent to be counted.
+    let consents = (0..20_000u32)
+        .map(|i| WriteOp::PutConsent {
+            receipt: hexveil::model::ConsentReceipt {
+                receipt_id: format!("bench-{i}"),
+                device: bench_device(i),
+                purposes: [hexveil::model::Purpose::FootTraffic].into_iter().collect(),
+                granted_at: Timestamp(T0),
+                policy_version: "1".into(),
+                controller: "bench".into(),
+            },
+            now: Timestamp(T0),
+        })
+        .collect();
+    store.write(WriteOp::Many(consents)).await.unwrap();
     let settings = Settings::new(config.clone()).unwrap();
     let scale = settings.consequences.privacy.noise_scale;
     let clock: SharedClock = Arc::new(ManualClock::new(Timestamp(T0)));
@@ -68,17 +83,19 @@ async fn rig() -> Rig {
     }
 }
 
+fn bench_device(i: u32) -> DeviceId {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&i.to_le_bytes());
+    DeviceId(id)
+}
+
 /// 20,000 contributions spread over the domain, for one bucket.
 async fn seed(rig: &Rig, bucket: Timestamp) {
     let ops = (0..20_000u32)
-        .map(|i| {
-            let mut id = [0u8; 16];
-            id[..4].copy_from_slice(&i.to_le_bytes());
-            WriteOp::Contribute {
-                device: DeviceId(id),
-                cell: rig.domain[(i as usize * 7) % rig.domain.len()],
-                bucket,
-            }
+        .map(|i| WriteOp::Contribute {
+            device: bench_device(i),
+            cell: rig.domain[(i as usize * 7) % rig.domain.len()],
+            bucket,
         })
         .collect();
     rig.store.write(WriteOp::Many(ops)).await.unwrap();

@@ -3,6 +3,7 @@
 //!
 //! API boundary: raw device tokens are validated and pseudonymized here and go no further.
 
+pub mod codec;
 mod consent;
 mod convert;
 mod merchant;

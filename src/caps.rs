@@ -259,5 +259,77 @@ pub fn offer_cap(
     }
 }
 
+/// Reserves one delivery of an offer against its daily budget: checks and appends under the
+/// caller's lock on `sent`, so two devices deciding at once cannot both take the last one.
+/// Entries no window can see any more are trimmed.
+pub fn take_offer_budget(
+    max_per_day: u32,
+    sent: &mut std::collections::VecDeque<Timestamp>,
+    now: Timestamp,
+) -> Result<(), Reason> {
+    offer_cap(max_per_day, sent, now)?;
+    sent.push_back(now);
+    let day_ago = now.minus(DAY);
+    while sent.front().is_some_and(|t| *t <= day_ago) {
+        sent.pop_front();
+    }
+    Ok(())
+}
+
+/// The global per-cell flood guard (`caps.per_cell_per_minute`): deliveries per cell and
+/// UTC minute, across all devices. Check and take happen under one lock.
+#[derive(Debug, Default)]
+pub struct FloodGuard {
+    /// cell -> (minute, deliveries in that minute)
+    cells: std::sync::Mutex<std::collections::HashMap<u64, (i64, u32)>>,
+}
+
+/// Cells remembered before stale minutes are swept.
+const FLOOD_SWEEP_AT: usize = 100_000;
+
+impl FloodGuard {
+    /// Takes one delivery in `cell` now if fewer than `cap` were taken this minute;
+    /// `also` runs under the same lock once the guard has agreed (and may still refuse, in
+    /// which case nothing is taken) — so a second limit can be checked and taken atomically
+    /// with this one.
+    pub fn try_take(
+        &self,
+        cell: u64,
+        now: Timestamp,
+        cap: u32,
+        also: impl FnOnce() -> Result<(), Reason>,
+    ) -> Result<(), Reason> {
+        let minute = now.millis().div_euclid(60_000);
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        let used = match cells.get(&cell) {
+            Some((m, n)) if *m == minute => *n,
+            _ => 0,
+        };
+        if used >= cap {
+            return Err(Reason::GlobalCellCap);
+        }
+        also()?;
+        Self::record(&mut cells, cell, minute);
+        Ok(())
+    }
+
+    /// Counts a delivery made earlier (restoring the guard at start).
+    pub fn restore(&self, cell: u64, at: Timestamp) {
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        Self::record(&mut cells, cell, at.millis().div_euclid(60_000));
+    }
+
+    fn record(cells: &mut std::collections::HashMap<u64, (i64, u32)>, cell: u64, minute: i64) {
+        if cells.len() > FLOOD_SWEEP_AT {
+            cells.retain(|_, (m, _)| *m >= minute);
+        }
+        let e = cells.entry(cell).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        e.1 += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests;

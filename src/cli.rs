@@ -111,6 +111,9 @@ pub struct ServeArgs {
     /// HTTP listen address (overrides server.http_listen).
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
+    /// Operator-only metrics listen address (overrides server.metrics_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Data directory (overrides store.data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +147,7 @@ impl ServeArgs {
         flag("store.url", self.store.clone());
         flag("server.grpc_listen", self.grpc_listen.clone());
         flag("server.http_listen", self.http_listen.clone());
+        flag("server.metrics_listen", self.metrics_listen.clone());
         flag(
             "store.data_dir",
             self.data_dir.as_ref().map(|d| d.display().to_string()),
@@ -286,7 +290,7 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let grpc_addr = settings.config.server.grpc_listen;
         let http_addr = settings.config.server.http_listen;
         let grpc = tokio::net::TcpListener::bind(grpc_addr)
@@ -295,6 +299,11 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("server.http_listen: cannot listen on {http_addr}"))?;
+        let metrics_addr = settings.config.server.metrics_listen;
+        let metrics = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("server.metrics_listen: cannot listen on {metrics_addr}"))?;
+        let metrics_bound = metrics.local_addr()?;
         let bound = server::Bound {
             grpc: grpc.local_addr()?,
             http: http.local_addr()?,
@@ -310,11 +319,25 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         } else {
             App::open(settings, Arc::new(SystemClock)).await?
         };
-        tracing::info!(grpc = %bound.grpc, http = %bound.http, "hexveil listening");
+        tracing::info!(grpc = %bound.grpc, http = %bound.http, metrics = %metrics_bound, "hexveil listening");
         // A stable line on stdout that scripts and tests can wait for.
-        println!("hexveil listening grpc={} http={}", bound.grpc, bound.http);
-        server::run(app, source, grpc, http, server::shutdown_signal()).await
-    })
+        println!(
+            "hexveil listening grpc={} http={} metrics={}",
+            bound.grpc, bound.http, metrics_bound
+        );
+        server::run_with_metrics(
+            app,
+            source,
+            grpc,
+            http,
+            Some(metrics),
+            server::shutdown_signal(),
+        )
+        .await
+    });
+    // Dropping a runtime waits for every blocking task; a stop must not (see server::run).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn print_demo(city: &crate::demo::DemoCity, http: std::net::SocketAddr) {
@@ -376,18 +399,33 @@ fn print_check(s: &Settings, json: bool) {
         crate::config::Dur::secs(caps.earliest_next_notification_secs)
     );
     println!(
-        "privacy: {} noise, epsilon = {:.3} per device per day (delta = {:e}), promised at most {}",
+        "privacy: {} noise, epsilon = {:.3} per device per day (in any 24 hours, every release together; delta = {:e}), promised at most {}",
         dp.mechanism,
         dp.epsilon_per_device_per_day,
         dp.delta,
         s.config.privacy.max_epsilon_per_device_per_day
+    );
+    let parts: Vec<String> = dp
+        .budget
+        .iter()
+        .map(|p| match s.config.privacy.mechanism {
+            crate::config::MechanismKind::Gaussian => format!("{} rho {:.4}", p.release, p.rho),
+            crate::config::MechanismKind::Laplace => {
+                format!("{} epsilon {:.4}", p.release, p.epsilon)
+            }
+        })
+        .collect();
+    println!("budget per device in any 24 hours: {}", parts.join(" + "));
+    println!(
+        "offer statistics: scale {:.3}, std-dev {:.2}; 95% interval of one released count: ±{:.0}",
+        dp.offer_stats.noise_scale, dp.offer_stats.noise_std_dev, dp.offer_stats.ci95_half_width
     );
     println!(
         "noise: scale {:.3}, std-dev {:.2}; 95% interval of one count: ±{:.0}; of a cell's day total: ±{:.0}",
         dp.noise_scale, dp.noise_std_dev, dp.ci95_half_width, dp.day_total_ci95_half_width
     );
     println!(
-        "contributions bounded to {} cells per bucket and {} per day; counts below {} suppressed",
+        "contributions bounded to {} cells per bucket and {} in any 24 hours; counts below {} suppressed (cosmetic: the noise protects)",
         s.config.privacy.max_cells_per_bucket, dp.contributions_per_day, dp.threshold
     );
     println!("config OK");

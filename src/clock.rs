@@ -34,7 +34,28 @@ impl Timestamp {
     pub fn minus(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_sub(duration_millis(d)))
     }
+
+    /// A time from outside (seconds and nanoseconds since the Unix epoch, as on the wire),
+    /// if it is valid and within [`ACCEPTED`]: the one bound every API applies (a field
+    /// may narrow it further, e.g. a report cannot come from the future).
+    pub fn from_unix(seconds: i64, nanos: i32) -> Option<Timestamp> {
+        if !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        let ms = seconds
+            .checked_mul(1000)?
+            .checked_add(i64::from(nanos / 1_000_000))?;
+        Timestamp::from_unix_millis(ms)
+    }
+
+    /// A time from outside in milliseconds since the Unix epoch, if within [`ACCEPTED`].
+    pub fn from_unix_millis(ms: i64) -> Option<Timestamp> {
+        ACCEPTED.contains(&ms).then_some(Timestamp(ms))
+    }
 }
+
+/// Times accepted from outside, in milliseconds: 1970-01-01 up to 3000-01-01.
+pub const ACCEPTED: std::ops::RangeInclusive<i64> = 0..=32_503_680_000_000;
 
 /// A duration in whole milliseconds, saturating at `i64::MAX`.
 pub fn duration_millis(d: Duration) -> i64 {
@@ -97,6 +118,18 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_from_outside_share_one_bound() {
+        assert_eq!(Timestamp::from_unix(1, 500_000_000), Some(Timestamp(1500)));
+        assert_eq!(Timestamp::from_unix(-1, 0), None);
+        assert_eq!(Timestamp::from_unix(0, -1), None);
+        assert_eq!(Timestamp::from_unix(0, 1_000_000_000), None);
+        assert_eq!(Timestamp::from_unix(i64::MAX, 0), None, "no overflow");
+        assert!(Timestamp::from_unix(32_503_680_000, 0).is_some());
+        assert_eq!(Timestamp::from_unix(32_503_680_001, 0), None);
+        assert_eq!(Timestamp::from_unix_millis(32_503_680_000_001), None);
+    }
 
     #[test]
     fn manual_clock_moves_only_when_told_and_clones_share_time() {

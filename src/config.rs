@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use consequences::{CapConsequences, Consequences, PrivacyConsequences};
+pub use consequences::{
+    BudgetPart, CapConsequences, Consequences, OfferStatsConsequences, PrivacyConsequences,
+};
 pub use duration::Dur;
 
 /// Environment variable prefix for config overrides (`HEXVEIL_CAPS__MIN_DWELL=10m`).
@@ -85,8 +87,37 @@ pub struct Config {
 pub struct ServerConfig {
     /// gRPC listen address.
     pub grpc_listen: SocketAddr,
-    /// HTTP listen address (dashboard, `/healthz`, `/metrics`).
+    /// HTTP listen address (dashboard, its JSON API, `/healthz`): merchant-facing.
     pub http_listen: SocketAddr,
+    /// Operator-only listener for Prometheus `/metrics` (and `/healthz`); never served on
+    /// the merchant-facing port. Keep it on loopback or a private network.
+    pub metrics_listen: SocketAddr,
+    // Transport bounds of both listeners (what one client may hold of the server), applied
+    // by `crate::transport` and read once at start like the listen addresses.
+    /// Open connections per listener; beyond it, new clients wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); a client
+    /// that opens more has the excess refused with REFUSED_STREAM.
+    pub max_concurrent_streams: u32,
+    /// Requests being handled at once per listener, over all its connections; beyond it a
+    /// request is shed at once: RESOURCE_EXHAUSTED on gRPC, 503 on HTTP (grpc.health,
+    /// `/healthz` and `/metrics` are never shed).
+    pub max_in_flight: u32,
+    /// A gRPC handler that has not answered after this long is cancelled.
+    pub request_timeout: Dur,
+    /// A connection with no request in flight for this long is closed (this also bounds a
+    /// client that connects and never finishes its first request).
+    pub idle_timeout: Dur,
+    /// An HTTP/1 client must send a request's headers within this long.
+    pub header_read_timeout: Dur,
+    /// HTTP/2 PING interval, to find dead peers that hold streams open.
+    pub keepalive_interval: Dur,
+    /// A PING not answered within this long closes the connection.
+    pub keepalive_timeout: Dur,
+    /// Largest request message of the device services (consent, presence, transparency).
+    pub max_device_message_bytes: u32,
+    /// Largest request message of `MerchantService`.
+    pub max_merchant_message_bytes: u32,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +125,17 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_connections: 1000,
+            max_concurrent_streams: 100,
+            max_in_flight: 512,
+            request_timeout: Dur::secs(30),
+            idle_timeout: Dur::mins(2),
+            header_read_timeout: Dur::secs(10),
+            keepalive_interval: Dur::secs(30),
+            keepalive_timeout: Dur::secs(10),
+            max_device_message_bytes: 16 * 1024,
+            max_merchant_message_bytes: 64 * 1024,
         }
     }
 }
@@ -385,6 +427,9 @@ pub struct InsightsConfig {
     pub grace: Dur,
     pub radius_k: u32,
     pub scope: InsightsScope,
+    /// Coarsest cell a merchant may query: a query cell stands for all its released
+    /// children, so this bounds the work one query cell can ask for.
+    pub min_query_resolution: u8,
 }
 
 impl Default for InsightsConfig {
@@ -395,6 +440,7 @@ impl Default for InsightsConfig {
             grace: Dur::mins(10),
             radius_k: 2,
             scope: InsightsScope::OwnArea,
+            min_query_resolution: 5,
         }
     }
 }
@@ -414,12 +460,16 @@ pub struct PrivacyConfig {
     pub mechanism: MechanismKind,
     /// A device counts in at most this many cells per bucket.
     pub max_cells_per_bucket: u32,
-    /// A device counts in at most this many (cell, bucket) pairs per UTC day.
+    /// A device counts in at most this many (cell, bucket) pairs in any 24 hours.
     pub max_contributions_per_day: u32,
     /// Laplace: epsilon spent per release on a device at the per-bucket bound.
     pub epsilon_per_bucket: f64,
     /// Gaussian: zCDP rho spent per release on a device at the per-bucket bound.
     pub rho_per_bucket: f64,
+    /// Gaussian: zCDP rho a device can spend per day on offer statistics.
+    pub offer_stats_rho_per_day: f64,
+    /// Laplace: epsilon a device can spend per day on offer statistics.
+    pub offer_stats_epsilon_per_day: f64,
     /// Noisy counts below this are released as suppressed.
     pub threshold: u32,
     /// The promise: a config whose schedule spends more per device per day is refused.
@@ -435,6 +485,8 @@ impl Default for PrivacyConfig {
             max_contributions_per_day: 24,
             epsilon_per_bucket: 0.1,
             rho_per_bucket: 0.01,
+            offer_stats_rho_per_day: 0.01,
+            offer_stats_epsilon_per_day: 0.2,
             threshold: 20,
             max_epsilon_per_device_per_day: 2.0,
             delta: 1e-6,
@@ -508,6 +560,7 @@ impl Config {
         fn inv(key: &str, message: impl Into<String>) -> ConfigError {
             ConfigError::invalid(key, message)
         }
+        self.validate_transport()?;
         if self.store.url.trim().is_empty() {
             return Err(inv("store.url", "must not be empty"));
         }
@@ -626,6 +679,20 @@ impl Config {
         if ins.radius_k > 10 {
             return Err(inv("insights.radius_k", "must be 0-10 (grid rings)"));
         }
+        // One query cell expands to 7^(levels) released cells: at most 4 levels (2,401).
+        if ins.min_query_resolution > ins.resolution
+            || ins.resolution - ins.min_query_resolution > MAX_QUERY_LEVELS
+        {
+            return Err(inv(
+                "insights.min_query_resolution",
+                format!(
+                    "must be {}-{} (at most {MAX_QUERY_LEVELS} levels coarser than insights.resolution = {})",
+                    ins.resolution.saturating_sub(MAX_QUERY_LEVELS),
+                    ins.resolution,
+                    ins.resolution
+                ),
+            ));
+        }
         let p = &self.privacy;
         if !(1..=100).contains(&p.max_cells_per_bucket) {
             return Err(inv("privacy.max_cells_per_bucket", "must be 1-100"));
@@ -636,36 +703,56 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if !(p.epsilon_per_bucket.is_finite() && p.epsilon_per_bucket > 0.0) {
+        // Bounded ranges, not just "positive": the noise scale follows from these, and the
+        // interval widths and accounting cost time that grows with it (1e-300 once hung
+        // start-up and the reloader). Outside these ranges the noise is either useless
+        // (std-dev in the thousands) or no privacy at all.
+        in_range(
+            p.epsilon_per_bucket,
+            EPSILON_RANGE,
+            "privacy.epsilon_per_bucket",
+        )?;
+        in_range(p.rho_per_bucket, RHO_RANGE, "privacy.rho_per_bucket")?;
+        in_range(p.delta, DELTA_RANGE, "privacy.delta")?;
+        in_range(
+            p.max_epsilon_per_device_per_day,
+            EPSILON_RANGE,
+            "privacy.max_epsilon_per_device_per_day",
+        )?;
+        if p.max_contributions_per_day > 100_000 {
             return Err(inv(
-                "privacy.epsilon_per_bucket",
-                "must be a positive number",
+                "privacy.max_contributions_per_day",
+                "must be at most 100000",
             ));
         }
-        if !(p.rho_per_bucket.is_finite() && p.rho_per_bucket > 0.0) {
-            return Err(inv("privacy.rho_per_bucket", "must be a positive number"));
+        if p.threshold > 1_000_000 {
+            return Err(inv("privacy.threshold", "must be at most 1000000"));
         }
-        if !(p.delta > 0.0 && p.delta <= 1e-3) {
-            return Err(inv("privacy.delta", "must be in (0, 0.001]"));
-        }
-        if !(p.max_epsilon_per_device_per_day.is_finite() && p.max_epsilon_per_device_per_day > 0.0)
-        {
-            return Err(inv(
-                "privacy.max_epsilon_per_device_per_day",
-                "must be a positive number",
-            ));
-        }
+        in_range(
+            p.offer_stats_rho_per_day,
+            RHO_RANGE,
+            "privacy.offer_stats_rho_per_day",
+        )?;
+        in_range(
+            p.offer_stats_epsilon_per_day,
+            EPSILON_RANGE,
+            "privacy.offer_stats_epsilon_per_day",
+        )?;
         let consequences = Consequences::of(self).map_err(|e| inv("privacy", e.to_string()))?;
         let eps = consequences.privacy.epsilon_per_device_per_day;
         if eps > p.max_epsilon_per_device_per_day {
             let spent_by = match p.mechanism {
-                MechanismKind::Gaussian => "privacy.rho_per_bucket",
-                MechanismKind::Laplace => "privacy.epsilon_per_bucket",
+                MechanismKind::Gaussian => {
+                    "privacy.rho_per_bucket, privacy.offer_stats_rho_per_day"
+                }
+                MechanismKind::Laplace => {
+                    "privacy.epsilon_per_bucket, privacy.offer_stats_epsilon_per_day"
+                }
             };
             return Err(inv(
                 "privacy.max_epsilon_per_device_per_day",
                 format!(
-                    "the release schedule spends epsilon = {eps:.3} per device per day (delta = {}), \
+                    "the release schedule spends epsilon = {eps:.3} per device in any 24 hours (delta = {}), \
                      more than the promised {}; lower {spent_by}, privacy.max_cells_per_bucket or \
                      privacy.max_contributions_per_day, or lengthen insights.bucket",
                     p.delta, p.max_epsilon_per_device_per_day
@@ -680,6 +767,72 @@ impl Config {
         // Unwrap safety: every field is a plain string, number, list or table, which the TOML
         // serializer always accepts.
         toml::to_string(self).expect("config always serializes")
+    }
+}
+
+/// Most levels a query cell may be coarser than `insights.resolution` (7^4 = 2,401 cells).
+pub const MAX_QUERY_LEVELS: u8 = 4;
+/// Accepted ε per release and ε promise per day (Laplace scale b = k/ε stays below 10⁶).
+pub const EPSILON_RANGE: (f64, f64) = (1e-4, 100.0);
+/// Accepted ρ per release (Gaussian σ = √(k/2ρ) stays below about 7,100).
+pub const RHO_RANGE: (f64, f64) = (1e-6, 100.0);
+/// Accepted δ.
+pub const DELTA_RANGE: (f64, f64) = (1e-12, 1e-3);
+
+/// Refuses a value outside `[lo, hi]` (NaN and infinities included), naming the key.
+fn in_range(value: f64, (lo, hi): (f64, f64), key: &str) -> Result<(), ConfigError> {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("must be a number from {lo:e} to {hi:e} (got {value:e})"),
+        ))
+    }
+}
+
+impl Config {
+    /// The transport bounds: every one must be set (0 would mean "refuse everything" or, for
+    /// tonic and hyper, "no limit"), and none so large that it stops bounding anything.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let counts = [
+            ("server.max_connections", s.max_connections, 100_000),
+            (
+                "server.max_concurrent_streams",
+                s.max_concurrent_streams,
+                10_000,
+            ),
+            ("server.max_in_flight", s.max_in_flight, 100_000),
+            (
+                "server.max_device_message_bytes",
+                s.max_device_message_bytes,
+                4 << 20,
+            ),
+            (
+                "server.max_merchant_message_bytes",
+                s.max_merchant_message_bytes,
+                4 << 20,
+            ),
+        ];
+        for (key, value, max) in counts {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::invalid(key, format!("must be 1-{max}")));
+            }
+        }
+        let times = [
+            ("server.request_timeout", s.request_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.keepalive_interval", s.keepalive_interval),
+            ("server.keepalive_timeout", s.keepalive_timeout),
+        ];
+        for (key, value) in times {
+            if value.get().is_zero() || value > Dur::hours(1) {
+                return Err(ConfigError::invalid(key, "must be 1s-1h"));
+            }
+        }
+        Ok(())
     }
 }
 

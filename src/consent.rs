@@ -46,10 +46,16 @@ pub struct MyData {
     pub restrictions: Vec<Restriction>,
     /// Unreleased foot-traffic contributions and when the last of them is deleted.
     pub pending_contributions: Option<(u64, Timestamp)>,
+    /// Contribution spend (pairs per bucket, no cells) kept to hold the per-day bound over any
+    /// 24 hours, and when the last of it is deleted.
+    pub contribution_spend: Option<(u64, Timestamp)>,
     pub last_activity: Option<Timestamp>,
     /// When everything expires if the device stays inactive.
     pub retention_deadline: Option<Timestamp>,
 }
+
+/// Lock stripes serializing consent changes per device.
+const CONSENT_STRIPES: usize = 256;
 
 /// The consent and transparency domain service.
 #[derive(Debug, Clone)]
@@ -58,6 +64,9 @@ pub struct Consents {
     devices: Arc<Devices>,
     clock: SharedClock,
     settings: LiveSettings,
+    /// Consent changes of one device run one at a time (store and memory in the same order
+    /// for grant and withdrawal), so racing changes cannot leave memory and store disagreeing.
+    changes: Arc<[tokio::sync::Mutex<()>]>,
 }
 
 impl Consents {
@@ -72,7 +81,17 @@ impl Consents {
             devices,
             clock,
             settings,
+            changes: (0..CONSENT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// Waits for the device's other consent changes to finish.
+    async fn serialize(&self, device: DeviceId) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes[usize::from(device.0[14]) % CONSENT_STRIPES]
+            .lock()
+            .await
     }
 
     fn retention(&self) -> Duration {
@@ -87,6 +106,7 @@ impl Consents {
         purposes: Purposes,
         policy_version: String,
     ) -> Result<ReceiptView, ConsentError> {
+        let _serialized = self.serialize(device).await;
         let now = self.clock.now();
         let settings = self.settings.current();
         let receipt = ConsentReceipt {
@@ -169,6 +189,16 @@ impl Consents {
                     b.plus(ins.bucket.get()).plus(ins.grace.get()),
                 )
             }),
+            contribution_spend: snapshot.latest_spend_bucket.map(|b| {
+                let ins = &self.settings.current().config.insights;
+                (
+                    snapshot.contribution_spend,
+                    // Deleted by the release of the bucket a day later.
+                    b.plus(crate::caps::DAY)
+                        .plus(ins.bucket.get())
+                        .plus(ins.grace.get()),
+                )
+            }),
             last_activity: Some(snapshot.last_activity),
             retention_deadline: Some(deadline),
         })
@@ -176,6 +206,7 @@ impl Consents {
 
     /// Erases everything held about the device; returns the number of records erased.
     pub async fn forget(&self, device: DeviceId) -> Result<u64, ConsentError> {
+        let _serialized = self.serialize(device).await;
         self.devices.remove(&device);
         let erased = self.store.erase_device(device).await?;
         metrics::counter!("hexveil_forget_me_total").increment(1);

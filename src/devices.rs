@@ -32,6 +32,9 @@ pub struct DeviceState {
     last_activity_s: u32,
     /// GCRA theoretical arrival time, tenths of a second since 2020, rounded down.
     gcra_ds: u32,
+    /// When the device row (dwell, last activity) was last queued for the store, seconds
+    /// since 2020: reports in between that change no durable fact are not written.
+    persisted_s: u32,
     dwell: CompactDwell,
     /// Everything only some devices have: notifications, standings, contributions.
     pub extra: Option<Box<Extra>>,
@@ -54,7 +57,8 @@ pub struct Extra {
     /// Per notification (same order): its id and the cell it was sent in.
     pub meta: Vec<(uuid::Uuid, u64)>,
     pub standings: Vec<(MerchantId, Standing)>,
-    /// Unreleased foot-traffic contributions (bucket, cell), for contribution bounding.
+    /// Foot-traffic contributions (bucket, cell) for contribution bounding: unreleased ones,
+    /// and released ones of the last day with their cell forgotten.
     pub contrib: Vec<(Timestamp, u64)>,
 }
 
@@ -80,6 +84,17 @@ impl DeviceState {
 
     pub fn set_last_activity(&mut self, t: Timestamp) {
         self.last_activity_s = to_secs(t, false);
+    }
+
+    /// Whether the device row was last written at least `every` before `now`.
+    pub fn persist_due(&self, now: Timestamp, every: std::time::Duration) -> bool {
+        let age = i64::from(to_secs(now, false)) - i64::from(self.persisted_s);
+        age >= every.as_secs() as i64
+    }
+
+    /// Notes that the device row, as it is now, has been queued for the store.
+    pub fn mark_persisted(&mut self, now: Timestamp) {
+        self.persisted_s = to_secs(now, false);
     }
 
     /// The device's dwell, if it has reported.
@@ -256,11 +271,23 @@ impl Devices {
         self.len() == 0
     }
 
-    /// Restores contribution bounds from the unreleased contributions in the store.
-    pub fn load_contributions(&self, rows: Vec<(DeviceId, u64, Timestamp)>) {
+    /// Restores contribution bounds from the unreleased contributions in the store and the
+    /// spend of released buckets (pairs without their cells) that still counts towards the
+    /// rolling per-day bound.
+    pub fn load_contributions(
+        &self,
+        rows: Vec<(DeviceId, u64, Timestamp)>,
+        released_spend: Vec<(DeviceId, Timestamp, u32)>,
+    ) {
         for (device, cell, bucket) in rows {
             if let Some(state) = self.lock(&device).get_mut(&device) {
                 state.contributions().push((bucket, cell));
+            }
+        }
+        for (device, bucket, pairs) in released_spend {
+            if let Some(state) = self.lock(&device).get_mut(&device) {
+                let held = state.contributions();
+                held.extend((0..pairs).map(|_| (bucket, crate::privacy::contrib::FORGOTTEN)));
             }
         }
     }
@@ -281,6 +308,7 @@ impl Devices {
                 ..DeviceState::default()
             };
             state.set_last_activity(row.last_activity);
+            state.mark_persisted(row.last_activity);
             if let Some(d) = row.dwell {
                 state.set_dwell(d);
             }

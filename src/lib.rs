@@ -10,7 +10,8 @@
 //! - underneath, importing nothing above them: [`config`], [`settings`], [`clock`],
 //!   [`cells`], [`pseudonym`], [`model`], [`privacy`].
 //!
-//! [`server`] wires the layers to listeners and background jobs; [`cli`] is the command line;
+//! [`server`] wires the layers to listeners and background jobs, within the bounds of
+//! [`transport`] (connections, streams, idle time, load shedding); [`cli`] is the command line;
 //! [`demo`] seeds the synthetic city of `hexveil serve --demo` through the real paths;
 //! [`simulate`] replays its daily routine through the same paths under a config to report
 //! what the config does (`hexveil simulate`).
@@ -38,4 +39,5 @@ pub mod settings;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 pub mod web;

@@ -18,7 +18,8 @@ impl Purpose {
     /// Every purpose, in wire order.
     pub const ALL: [Purpose; 2] = [Purpose::NearbyOffers, Purpose::FootTraffic];
 
-    fn bit(self) -> u8 {
+    /// The purpose's bit in the stored mask.
+    pub fn bit(self) -> u8 {
         match self {
             Purpose::NearbyOffers => 1,
             Purpose::FootTraffic => 2,
@@ -108,6 +109,10 @@ pub struct DeviceSnapshot {
     /// Unreleased foot-traffic contributions and the latest bucket among them.
     pub pending_contributions: u64,
     pub latest_pending_bucket: Option<Timestamp>,
+    /// Contribution spend kept for the rolling per-day bound: pairs (no cells) and the latest
+    /// bucket among them.
+    pub contribution_spend: u64,
+    pub latest_spend_bucket: Option<Timestamp>,
 }
 
 /// A merchant id (UUID).
@@ -265,4 +270,41 @@ pub struct ReleasedCount {
     pub cell: u64,
     pub noisy: i64,
     pub suppressed: bool,
+}
+
+/// One delivery as the offer-statistics release reads it (raw: never leaves `privacy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryRow {
+    pub device: crate::pseudonym::DeviceId,
+    pub offer_id: OfferId,
+    pub sent_at: Timestamp,
+    pub opened: bool,
+}
+
+/// Released (noisy) statistics of one offer on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferStatRow {
+    pub day: Timestamp,
+    pub offer_id: OfferId,
+    pub merchant_id: MerchantId,
+    pub deliveries: i64,
+    pub opens: i64,
+}
+
+/// The ledger entry of one day's offer-statistics release.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfferStatsLedgerEntry {
+    /// Start of the UTC day.
+    pub day: Timestamp,
+    pub released_at: Timestamp,
+    /// `"discrete_gaussian"` or `"discrete_laplace"`.
+    pub mechanism: String,
+    pub scale: f64,
+    /// zCDP ρ of this release for a device at the contribution bound (Gaussian; else 0).
+    pub rho: f64,
+    /// Pure-DP ε of this release (Laplace; else 0).
+    pub epsilon: f64,
+    pub l1_sensitivity: f64,
+    pub l2_sensitivity: f64,
+    pub offers: u64,
 }

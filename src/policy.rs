@@ -44,8 +44,10 @@ pub fn foot_traffic_explanation(s: &Settings) -> String {
         "Each count is the number of distinct consenting devices seen in a cell per {}, \
          plus random noise (standard deviation {:.1}), so that nobody's presence can be \
          inferred: 95% of counts are within ±{:.0} of the truth. Counts below {} are shown \
-         as suppressed. Each device counts in at most {} cells per period; its privacy loss \
-         is at most ε = {:.2} per day.",
+         as suppressed — for readability only: the noise is the protection, and sums over \
+         several cells include suppressed values. Each device counts in at most {} cells per \
+         period; its privacy loss over everything released (offer statistics included) is at \
+         most ε = {:.2} per day, in any 24 hours.",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
@@ -68,8 +70,9 @@ fn recipients(s: &Settings) -> Vec<Recipient> {
         Recipient {
             recipient: "merchants",
             receives: format!(
-                "counts of people per area and {} {scope}, only after differential-privacy noise \
-                 is added; never an individual, a device id or a location history",
+                "counts of people per area and {} {scope}, and per offer and day how often it \
+                 was delivered and opened, only after differential-privacy noise is added; never \
+                 an individual, a device id, an exact count or a location history",
                 s.config.insights.bucket
             ),
         },
@@ -140,13 +143,17 @@ fn summary(s: &Settings, area_km2: f64) -> String {
     out.push(format!(
         "Foot traffic (only if you allow it): merchants see how many devices were in an area per \
          {}, with random {mechanism} noise added (standard deviation {:.1}; 95% of released counts \
-         are within ±{:.0} of the truth). Counts below {} are shown only as \"few\". You are counted \
-         in at most {} areas per period and {} per day, so the privacy loss for you is at most \
-         ε = {:.2} per day{delta}, within the promised ε = {}.",
+         are within ±{:.0} of the truth). Counts below {} are shown only as \"few\" — a courtesy \
+         to readers, not a protection: the noise is what protects you. Merchants also see, per \
+         offer and day, how often it was delivered and opened, with noise of the same kind \
+         (standard deviation {:.1}), never exact counts. You are counted in at most {} areas \
+         per period and {} in any 24 hours, so the privacy loss for you over all of it is at \
+         most ε = {:.2} in any 24 hours{delta}, within the promised ε = {}.",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
         dp.threshold,
+        dp.offer_stats.noise_std_dev,
         c.privacy.max_cells_per_bucket,
         dp.contributions_per_day,
         dp.epsilon_per_device_per_day,

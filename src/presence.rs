@@ -8,14 +8,13 @@
 //! released; if that write fails, the reply is an error and no offer is shown (state stays
 //! as if it had been sent, which can only mean fewer notifications, never more).
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use h3o::CellIndex;
 
-use crate::caps::{self, Reason, Sent, Standing};
+use crate::caps::{self, FloodGuard, Reason, Sent, Standing};
 use crate::clock::{SharedClock, Timestamp};
 use crate::devices::Devices;
 use crate::model::{Feedback, Notification, Offer, OfferId, Purpose, Restriction};
@@ -23,7 +22,7 @@ use crate::offers::OfferIndex;
 use crate::privacy::Insights;
 use crate::pseudonym::DeviceId;
 use crate::settings::LiveSettings;
-use crate::store::{Store, StoreError, WriteOp};
+use crate::store::{DeliveryLimits, Store, StoreError, WriteOp, WriteResult};
 
 /// A validated report.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +63,10 @@ pub enum PresenceError {
     Store(#[from] StoreError),
 }
 
+/// How often a device's row (last sighting, last activity) is refreshed in the store while
+/// nothing durable changes: the recovered dwell after a crash is at most this stale.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
 /// Pending durable effects of a decision; the reply may be released once it resolves.
 pub type Commit = Option<WriteOp>;
 
@@ -76,7 +79,7 @@ pub struct Presence {
     clock: SharedClock,
     settings: LiveSettings,
     insights: Insights,
-    flood: Arc<Mutex<HashMap<u64, (i64, u32)>>>,
+    flood: Arc<FloodGuard>,
 }
 
 impl Presence {
@@ -102,16 +105,35 @@ impl Presence {
     /// Decides and durably records one report.
     pub async fn report(&self, report: Report) -> Result<Decision, PresenceError> {
         let (decision, commit) = self.decide(report)?;
-        self.commit(commit).await?;
-        Ok(decision)
+        self.commit(decision, commit).await
     }
 
-    /// Writes what a decision changed; the decision may be shown once this returns `Ok`.
-    pub async fn commit(&self, commit: Commit) -> Result<(), PresenceError> {
-        if let Some(op) = commit {
-            self.store.write(op).await?;
+    /// Writes what a decision changed and returns what may be shown. A notification is
+    /// recorded only if, in the committing transaction, the device still consents and the
+    /// offer's merchant is not revoked (another process, e.g. `hexveil merchant revoke`, or
+    /// another node may have changed either since the decision); if any was refused, no offer
+    /// is shown — the reservations it took stay taken, which means fewer offers, never more.
+    pub async fn commit(
+        &self,
+        mut decision: Decision,
+        commit: Commit,
+    ) -> Result<Decision, PresenceError> {
+        let Some(op) = commit else {
+            return Ok(decision);
+        };
+        let expected = notifications_in(&op);
+        let recorded = match self.store.write(op).await? {
+            WriteResult::Count(n) => n,
+            WriteResult::Done => 0,
+        };
+        if recorded < expected {
+            metrics::counter!("hexveil_offers_withheld_total").increment(expected - recorded);
+            decision.offers.clear();
+            decision.reason = Some(Reason::NoOffersNearby);
+        } else {
+            metrics::counter!("hexveil_offers_delivered_total").increment(recorded);
         }
-        Ok(())
+        Ok(decision)
     }
 
     /// Decides one report on in-memory state (no I/O). Returns the decision and the writes
@@ -133,19 +155,36 @@ impl Presence {
             )
             .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
 
+        let prev = state.dwell();
         let dwell = caps::update_dwell(
-            state.dwell(),
+            prev,
             cell,
             r.observed_at,
             config.offers.max_report_age.get(),
         );
         state.set_dwell(dwell);
         state.set_last_activity(now);
-        let mut ops = vec![WriteOp::Presence {
+        // Durable work only for new facts: a dwell that starts (or a new current cell) is
+        // written before the reply; a report that only moves "last seen" is answered from
+        // memory, and the row is refreshed behind it at most every TOUCH_EVERY. After a
+        // crash the recovered last sighting is older than the real one, so a dwell that
+        // cannot be proven continuous restarts: fewer offers, never more.
+        let new_fact = prev.is_none_or(|p| {
+            p.cell != dwell.cell || p.anchor != dwell.anchor || p.since != dwell.since
+        });
+        let row = WriteOp::Presence {
             device: r.device,
             dwell,
             now,
-        }];
+        };
+        let mut ops = Vec::new();
+        if new_fact {
+            ops.push(row);
+            state.mark_persisted(now);
+        } else if state.persist_due(now, TOUCH_EVERY) {
+            self.store.write_behind(row);
+            state.mark_persisted(now);
+        }
         // Foot traffic counts every accepted report of a consenting device, offer or not.
         if let Some(op) =
             self.insights
@@ -181,27 +220,22 @@ impl Presence {
                         },
                         now,
                     );
-                    let mut sent = candidate
-                        .entry
-                        .sent
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    sent.push_back(now);
-                    let day_ago = now.minus(caps::DAY);
-                    while sent.front().is_some_and(|t| *t <= day_ago) {
-                        sent.pop_front();
-                    }
-                    drop(sent);
-                    self.flood_take(cell, now);
+                    // The offer's budget and the cell's flood guard were reserved when the
+                    // offer was chosen.
                     why.remaining_today =
                         why.remaining_today.saturating_sub(offers.len() as u32 + 1);
                     why.remaining_this_week = why
                         .remaining_this_week
                         .saturating_sub(offers.len() as u32 + 1);
-                    ops.push(WriteOp::Notify(notification));
+                    ops.push(WriteOp::Deliver {
+                        notification,
+                        limits: DeliveryLimits {
+                            offer_per_day: offer.max_notifications_per_day,
+                            cell_per_minute: config.caps.per_cell_per_minute,
+                        },
+                    });
                     offers.push((offer, why));
                 }
-                metrics::counter!("hexveil_offers_delivered_total").increment(offers.len() as u64);
                 Decision {
                     offers,
                     reason: None,
@@ -212,10 +246,10 @@ impl Presence {
         if let Some(reason) = decision.reason {
             metrics::counter!("hexveil_no_offer_total", "reason" => reason.as_str()).increment(1);
         }
-        let op = if ops.len() == 1 {
-            ops.pop()
-        } else {
-            Some(WriteOp::Many(ops))
+        let op = match ops.len() {
+            0 => None,
+            1 => ops.pop(),
+            _ => Some(WriteOp::Many(ops)),
         };
         Ok((decision, op))
     }
@@ -284,15 +318,16 @@ impl Presence {
                     now,
                 )
                 .and_then(|()| {
-                    let sent = entry.sent.lock().unwrap_or_else(|p| p.into_inner());
-                    caps::offer_cap(offer.max_notifications_per_day, &sent, now)
-                })
-                .and_then(|()| {
-                    self.flood_check(
+                    // Check and reserve the offer's daily budget and the cell's flood guard
+                    // under their locks at once: no other device can take the same last
+                    // place between the check and the record.
+                    let mut sent = entry.sent.lock().unwrap_or_else(|p| p.into_inner());
+                    caps::offer_cap(offer.max_notifications_per_day, &sent, now)?;
+                    self.flood.try_take(
                         u64::from(r.cell),
                         now,
                         config.caps.per_cell_per_minute,
-                        chosen.len() as u32,
+                        || caps::take_offer_budget(offer.max_notifications_per_day, &mut sent, now),
                     )
                 });
                 match verdict {
@@ -329,37 +364,10 @@ impl Presence {
         Ok(chosen)
     }
 
-    fn flood_check(&self, cell: u64, now: Timestamp, cap: u32, pending: u32) -> Result<(), Reason> {
-        let minute = now.millis().div_euclid(60_000);
-        let flood = self.flood.lock().unwrap_or_else(|p| p.into_inner());
-        let used = match flood.get(&cell) {
-            Some((m, n)) if *m == minute => *n,
-            _ => 0,
-        };
-        if used + pending >= cap {
-            Err(Reason::GlobalCellCap)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn flood_take(&self, cell: u64, now: Timestamp) {
-        let minute = now.millis().div_euclid(60_000);
-        let mut flood = self.flood.lock().unwrap_or_else(|p| p.into_inner());
-        if flood.len() > 100_000 {
-            flood.retain(|_, (m, _)| *m == minute);
-        }
-        let e = flood.entry(cell).or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
-        }
-        e.1 += 1;
-    }
-
     /// Restores the per-cell flood counters from notifications of the current minute.
     pub fn load_flood(&self, notifications: &[Notification]) {
         for n in notifications {
-            self.flood_take(n.cell, n.sent_at);
+            self.flood.restore(n.cell, n.sent_at);
         }
     }
 
@@ -420,6 +428,15 @@ impl Presence {
         self.store.write(op).await?;
         metrics::counter!("hexveil_feedback_total", "action" => feedback.as_str()).increment(1);
         Ok(())
+    }
+}
+
+/// Notifications a commit records (each must be recorded for the decision to be shown).
+fn notifications_in(op: &WriteOp) -> u64 {
+    match op {
+        WriteOp::Notify(_) | WriteOp::Deliver { .. } => 1,
+        WriteOp::Many(ops) => ops.iter().map(notifications_in).sum(),
+        _ => 0,
     }
 }
 

@@ -17,14 +17,9 @@ use crate::settings::{LiveSettings, Settings};
 /// File name of the audit log inside the data dir.
 pub const AUDIT_LOG_FILE: &str = "config-audit.jsonl";
 
-/// Keys that are read once at start; a reload keeps their running values and says so.
-pub const RESTART_ONLY_KEYS: [&str; 5] = [
-    "server.grpc_listen",
-    "server.http_listen",
-    "store.url",
-    "store.data_dir",
-    "store.min_free_mb",
-];
+/// Sections read once at start (every `server.*` and `store.*` key); a reload keeps their
+/// running values and says so.
+pub const RESTART_ONLY_SECTIONS: [&str; 2] = ["server.", "store."];
 
 /// Where the config comes from: an optional file plus command-line overrides (env is read
 /// at each load, so an env change applies at the next reload too).
@@ -107,29 +102,17 @@ impl Reloader {
         let old = self.live.current();
         match self.source.load() {
             Ok(mut new) => {
-                let mut kept = Vec::new();
-                for key in RESTART_ONLY_KEYS {
-                    let changed = match key {
-                        "server.grpc_listen" => {
-                            old.config.server.grpc_listen != new.config.server.grpc_listen
-                        }
-                        "server.http_listen" => {
-                            old.config.server.http_listen != new.config.server.http_listen
-                        }
-                        "store.url" => old.config.store.url != new.config.store.url,
-                        "store.min_free_mb" => {
-                            old.config.store.min_free_mb != new.config.store.min_free_mb
-                        }
-                        _ => old.config.store.data_dir != new.config.store.data_dir,
-                    };
-                    if changed {
-                        kept.push(key);
-                    }
-                }
+                // The listeners, their transport bounds and the store are set up once, at
+                // start: a reload keeps their running values and says which changes wait.
+                let kept: Vec<String> = diff(&old.config, &new.config)
+                    .into_iter()
+                    .map(|(key, _, _)| key)
+                    .filter(|key| RESTART_ONLY_SECTIONS.iter().any(|s| key.starts_with(s)))
+                    .collect();
                 new.config.server = old.config.server.clone();
                 new.config.store = old.config.store.clone();
                 for key in &kept {
-                    tracing::warn!(key, "config key changed but applies only after a restart");
+                    tracing::warn!(%key, "config key changed but applies only after a restart");
                 }
                 let changes = diff(&old.config, &new.config);
                 if changes.is_empty() {
@@ -242,8 +225,13 @@ impl Reloader {
                 () = &mut shutdown => break,
             };
             let this = self.clone();
-            // Reading and validating is blocking work (file I/O, accounting).
-            let _ = tokio::task::spawn_blocking(move || this.reload(trigger)).await;
+            // Reading and validating is blocking work (file I/O, accounting). Validation is
+            // bounded (every value has a range), but shutdown never waits on it regardless.
+            let reload = tokio::task::spawn_blocking(move || this.reload(trigger));
+            tokio::select! {
+                _ = reload => {}
+                () = &mut shutdown => break,
+            }
         }
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::pb::consent_service_server::ConsentServiceServer;
 use crate::api::pb::merchant_service_server::MerchantServiceServer;
@@ -29,6 +28,7 @@ use crate::pseudonym::{DEVICE_KEY_ENV, Pseudonymizer};
 use crate::reload::{ConfigSource, Reloader};
 use crate::settings::{LiveSettings, Settings};
 use crate::store::Store;
+use crate::transport::{Limits, MAX_REPLY_BYTES, ShedLayer, TrackLayer};
 
 /// How often idle devices are looked for.
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -105,7 +105,14 @@ impl App {
             notifications,
             store.load_restrictions().await?,
         );
-        devices.load_contributions(store.load_contributions().await?);
+        let released_through = store
+            .last_release()
+            .await?
+            .unwrap_or(crate::clock::Timestamp(i64::MIN));
+        devices.load_contributions(
+            store.load_contributions().await?,
+            store.load_contribution_spend(released_through).await?,
+        );
         offers.refresh().await?;
         tracing::info!(
             devices = devices.len(),
@@ -172,7 +179,8 @@ pub struct Bound {
     pub http: SocketAddr,
 }
 
-/// Serves `app` on the given listeners until `shutdown` resolves, then drains and returns.
+/// Serves `app` on the given listeners until `shutdown` resolves, then drains and returns
+/// (without the operator's metrics listener; see [`run_with_metrics`]).
 pub async fn run(
     app: App,
     source: ConfigSource,
@@ -180,6 +188,22 @@ pub async fn run(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with_metrics(app, source, grpc, http, None, shutdown).await
+}
+
+/// Like [`run`], also serving Prometheus `/metrics` on the operator-only `metrics` listener
+/// (`server.metrics_listen`) — never on the merchant-facing HTTP port.
+pub async fn run_with_metrics(
+    app: App,
+    source: ConfigSource,
+    grpc: TcpListener,
+    http: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // Metrics are recorded from the first request whether or not a metrics listener is
+    // served (an embedding program or a test may render them itself).
+    let _ = crate::telemetry::prometheus();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -212,24 +236,49 @@ pub async fn run(
     // One auth layer for gRPC and the dashboard's JSON API: same keys, one rate limit per key.
     let merchant_auth =
         MerchantAuthLayer::new(app.store.clone(), app.settings.clone(), app.clock.clone());
+    // Transport bounds are read once, like the listen addresses (a reload keeps them).
+    let server_config = app.settings.current().config.server.clone();
+    let limits = Limits::from_config(&server_config);
+    let device_max = server_config.max_device_message_bytes as usize;
     let merchant = tower::ServiceBuilder::new()
         .layer(merchant_auth.clone())
-        .service(MerchantServiceServer::new(MerchantApi::new(
-            app.offers.clone(),
-            app.store.clone(),
-            app.settings.clone(),
-        )));
-    let grpc_server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .service(
+            MerchantServiceServer::new(MerchantApi::new(
+                app.offers.clone(),
+                app.store.clone(),
+                app.settings.clone(),
+            ))
+            .max_decoding_message_size(server_config.max_merchant_message_bytes as usize)
+            .max_encoding_message_size(MAX_REPLY_BYTES),
+        );
+    let grpc_server = limits
+        .grpc_server()
+        .layer(TrackLayer)
         .layer(GrpcMetricsLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ConsentServiceServer::new(consent))
-        .add_service(TransparencyServiceServer::new(transparency))
-        .add_service(PresenceServiceServer::new(presence))
+        .layer(ShedLayer::new(limits.max_in_flight))
+        .add_service(health_service.max_decoding_message_size(device_max))
+        .add_service(reflection_v1.max_decoding_message_size(device_max))
+        .add_service(reflection_v1alpha.max_decoding_message_size(device_max))
+        .add_service(
+            ConsentServiceServer::new(consent)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
+        .add_service(
+            TransparencyServiceServer::new(transparency)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
+        .add_service(
+            PresenceServiceServer::new(presence)
+                .max_decoding_message_size(device_max)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
         .add_service(merchant)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            crate::transport::incoming(grpc, limits),
+            stopped(stop_rx.clone()),
+        );
 
     let web = crate::web::router(crate::web::WebDeps {
         store: app.store.clone(),
@@ -238,7 +287,22 @@ pub async fn run(
         offers: app.offers.clone(),
         auth: merchant_auth,
     });
-    let http_server = axum::serve(http, web).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = async {
+        crate::transport::serve_http(http, web, limits, stopped(stop_rx.clone())).await;
+        anyhow::Ok(())
+    };
+    // The operator's listener (metrics) gets the same transport bounds as the merchant one.
+    let metrics_server = {
+        let stop = stopped(stop_rx.clone());
+        let store = app.store.clone();
+        async move {
+            if let Some(l) = metrics {
+                crate::transport::serve_http(l, crate::web::operator_router(store), limits, stop)
+                    .await;
+            }
+            anyhow::Ok(())
+        }
+    };
 
     let mut jobs = tokio::task::JoinSet::new();
     {
@@ -330,22 +394,32 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let servers = async { tokio::join!(grpc_server, http_server) };
+    let servers = async { tokio::join!(grpc_server, http_server, metrics_server) };
     tokio::pin!(servers);
     let drain_deadline = async {
         stopped(stop_rx.clone()).await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        (g, h) = &mut servers => {
+        (g, h, m) = &mut servers => {
             g.context("gRPC server failed")?;
             h.context("HTTP server failed")?;
+            m.context("metrics server failed")?;
         }
         () = drain_deadline => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "clients kept connections open; closing them");
         }
     }
-    while jobs.join_next().await.is_some() {}
+    // Jobs stop at the signal; one stuck in a store call must not hold the process past the
+    // drain timeout, so what is left after another drain period is cancelled.
+    let joined = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("background jobs did not stop in time; cancelling them");
+        jobs.abort_all();
+    }
     tracing::info!("stopped");
     Ok(())
 }

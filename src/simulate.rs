@@ -405,8 +405,8 @@ impl Simulation {
     }
 
     /// One minute's reports: decided one by one in plan order (in memory, deterministic),
-    /// written together (the group commit batches them), then the reactions to delivered
-    /// offers sent as feedback.
+    /// committed together (the group commit batches them; the commit has the last word on
+    /// what is shown), then the reactions to delivered offers sent as feedback.
     async fn minute(
         &self,
         app: &App,
@@ -414,30 +414,34 @@ impl Simulation {
         batch: Vec<Event>,
         tally: &mut report::Tally,
     ) -> Result<(), SimulateError> {
-        let mut commits = Vec::with_capacity(batch.len());
-        let mut feedback = Vec::new();
+        let mut decided = Vec::with_capacity(batch.len());
         for e in batch {
             match app.presence.decide(e.report) {
-                Ok((decision, commit)) => {
-                    tally.record(e.device, e.report.observed_at, &decision);
-                    for (offer, _) in &decision.offers {
-                        if let Some(f) = traffic.reaction(e.device, e.report.observed_at) {
-                            feedback.push((e.report.device, offer.offer_id, f));
-                        }
-                    }
-                    commits.push(commit);
-                }
+                Ok((decision, commit)) => decided.push((e, decision, commit)),
                 Err(PresenceError::RateLimited { .. }) => tally.rate_limited(),
                 Err(e) => return Err(pipeline(e)),
             }
         }
-        let written =
-            futures_util::stream::iter(commits.into_iter().map(|c| app.presence.commit(c)))
-                .buffer_unordered(CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await;
-        for r in written {
-            r.map_err(pipeline)?;
+        // `buffered` keeps the plan order, so the tally sees the decisions in that order.
+        let events: Vec<Event> = decided.iter().map(|(e, _, _)| *e).collect();
+        let written = futures_util::stream::iter(
+            decided
+                .into_iter()
+                .map(|(_, decision, commit)| app.presence.commit(decision, commit)),
+        )
+        .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut feedback = Vec::new();
+        for (e, r) in events.iter().zip(written) {
+            // What may be shown is what the commit says (it can withhold an offer).
+            let decision = r.map_err(pipeline)?;
+            tally.record(e.device, e.report.observed_at, &decision);
+            for (offer, _) in &decision.offers {
+                if let Some(f) = traffic.reaction(e.device, e.report.observed_at) {
+                    feedback.push((e.report.device, offer.offer_id, f));
+                }
+            }
         }
         let given = futures_util::stream::iter(
             feedback

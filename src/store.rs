@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant, MerchantId,
-    Notification, Offer, OfferId, ReleasedCount, Restriction,
+    ConsentReceipt, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
+    MerchantId, Notification, Offer, OfferId, OfferStatRow, OfferStatsLedgerEntry, ReleasedCount,
+    Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -99,8 +100,15 @@ pub enum WriteOp {
         dwell: Dwell,
         now: Timestamp,
     },
-    /// Logs a delivered notification (before the reply that carries it).
+    /// Logs a delivered notification (before the reply that carries it), if the device still
+    /// consents, the merchant is not revoked and the offer exists; yields 1, or 0 if refused.
     Notify(Notification),
+    /// Like `Notify`, and also only if the offer's daily budget and the cell's flood guard
+    /// still have room among the stored notifications (all nodes'): yields 1, or 0.
+    Deliver {
+        notification: Notification,
+        limits: DeliveryLimits,
+    },
     /// Records feedback on a notification and the device's new standing with the merchant.
     Feedback {
         device: DeviceId,
@@ -138,6 +146,21 @@ pub enum WriteOp {
         entry: LedgerEntry,
         counts: Vec<ReleasedCount>,
     },
+    /// Releases one UTC day of offer statistics: the ledger entry and the noisy table, in one
+    /// transaction. Yields 1, or 0 (and changes nothing) if the day was already released.
+    ReleaseOfferStats {
+        entry: OfferStatsLedgerEntry,
+        rows: Vec<OfferStatRow>,
+    },
+}
+
+/// The limits shared by all devices that a delivery must fit, checked again in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// The offer's `max_notifications_per_day` (any 24 hours).
+    pub offer_per_day: u32,
+    /// `caps.per_cell_per_minute` (per UTC minute).
+    pub cell_per_minute: u32,
 }
 
 /// What a write yields once committed.
@@ -224,6 +247,24 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
         done.await
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Queues `op` without waiting for it: for facts that may be lost in a crash because the
+    /// state recovered without them errs toward fewer offers (a device's last sighting).
+    /// Dropped, and counted, when the store cannot write or the queue is full.
+    pub fn write_behind(&self, op: WriteOp) {
+        if !self.health.is_writable() {
+            metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        if self
+            .writes
+            .try_send(group_commit::Pending { op, reply })
+            .is_err()
+        {
+            metrics::counter!("hexveil_store_write_behind_dropped_total").increment(1);
+        }
     }
 
     /// Stores a consent receipt (durably) and marks the device active.
@@ -354,6 +395,17 @@ impl Store {
         }
     }
 
+    /// Per-bucket contribution spend (pairs, no cell) of buckets starting at or before
+    /// `through`, to rebuild the rolling per-day bound at start.
+    pub async fn load_contribution_spend(
+        &self,
+        through: Timestamp,
+    ) -> Result<Vec<(DeviceId, Timestamp, u32)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_contribution_spend(through).await,
+        }
+    }
+
     /// Ledger entries of buckets starting in `[start, end)`, oldest first.
     pub async fn ledger(
         &self,
@@ -384,15 +436,45 @@ impl Store {
         }
     }
 
-    /// How often each of a merchant's offers was shown since `since`, from the notification
-    /// log (counts of the merchant's own notifications; no device is named).
-    pub async fn offer_shown_counts(
+    /// Every delivery sent in `[start, end)`, oldest first: raw rows for the offer-statistics
+    /// release only (they name device pseudonyms and never leave `privacy`).
+    pub async fn deliveries(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.deliveries(start, end).await,
+        }
+    }
+
+    /// Start of the newest released day of offer statistics, if any.
+    pub async fn last_offer_stats_day(&self) -> Result<Option<Timestamp>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.last_offer_stats_day().await,
+        }
+    }
+
+    /// A merchant's released offer statistics of days starting in `[start, end)`, by day.
+    pub async fn offer_stats(
         &self,
         merchant_id: MerchantId,
-        since: Timestamp,
-    ) -> Result<Vec<(OfferId, u64)>, StoreError> {
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<OfferStatRow>, StoreError> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.offer_shown_counts(merchant_id, since).await,
+            Backend::Sqlite(s) => s.offer_stats(merchant_id, start, end).await,
+        }
+    }
+
+    /// Offer-statistics ledger entries of days starting in `[start, end)`, oldest first.
+    pub async fn offer_stats_ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<OfferStatsLedgerEntry>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.offer_stats_ledger(start, end).await,
         }
     }
 

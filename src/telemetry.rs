@@ -5,6 +5,8 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The process-wide Prometheus recorder, installed on first use.
 ///
@@ -31,6 +33,21 @@ pub fn prometheus() -> PrometheusHandle {
                 .expect("static bucket lists are valid")
                 .build_recorder();
             let handle = recorder.handle();
+            // Histograms keep raw samples until they are folded into buckets; without this
+            // upkeep that happens only when /metrics is scraped, so an unscraped server would
+            // grow by every request. A thread, because the first caller may have no runtime.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".to_string())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP_EVERY);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep thread");
+            }
             // Another recorder may already be installed by an embedding program; then our
             // handle still renders what it saw, and we do not fight over the global.
             let _ = metrics::set_global_recorder(recorder);

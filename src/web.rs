@@ -1,5 +1,9 @@
-//! The HTTP listener: the merchant dashboard (assets embedded in the binary), its JSON API
-//! under `/api/v1/` ([`api`]), `/healthz` (the store answers) and Prometheus `/metrics`.
+//! The HTTP listeners: the merchant-facing one (the dashboard with its assets embedded in the
+//! binary, its JSON API under `/api/v1/` ([`api`]) and `/healthz`), and the operator-only one
+//! ([`operator_router`]: Prometheus `/metrics` and `/healthz`, on `server.metrics_listen`).
+//!
+//! Architecture invariant: exact operational counters (offers delivered, reasons, consents…)
+//! are never served on the merchant-facing port — only on the operator listener.
 //!
 //! Architecture invariants: the JSON API calls the same domain code as the gRPC
 //! `MerchantService` and authenticates through the same [`MerchantAuthLayer`] instance (one
@@ -34,7 +38,6 @@ pub struct WebDeps {
 #[derive(Clone)]
 struct WebState {
     deps: WebDeps,
-    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Nothing may be fetched from, or sent to, anywhere but this server.
@@ -66,12 +69,60 @@ pub fn router(deps: WebDeps) -> Router {
             get(|| async { asset("image/svg+xml", FAVICON_SVG) }),
         )
         .route("/healthz", get(healthz))
+        // Merchant data in API answers must not sit in any cache, shared or private.
+        .nest(
+            "/api/v1",
+            api::routes().layer(axum::middleware::map_response(no_store)),
+        )
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(WebState { deps })
+}
+
+/// The operator-only routes, for `server.metrics_listen`: Prometheus `/metrics` and
+/// `/healthz`. Never merged into [`router`].
+pub fn operator_router(store: Store) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
-        .nest("/api/v1", api::routes())
-        .with_state(WebState {
-            deps,
+        .route(
+            "/healthz",
+            get(|State(s): State<OperatorState>| async move { health(&s.store).await }),
+        )
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(OperatorState {
+            store,
             prometheus: crate::telemetry::prometheus(),
         })
+}
+
+/// Headers every response carries, whichever route (or none) produced it: no content-type
+/// sniffing, no referrer, and — unless the route set its own — the page policy, which is
+/// harmless on non-HTML answers and protects an error page rendered as HTML by mistake.
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(CSP));
+    res
+}
+
+/// `Cache-Control: no-store` on the JSON API's answers.
+async fn no_store(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+#[derive(Clone)]
+struct OperatorState {
+    store: Store,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -95,11 +146,15 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
+    health(&state.deps.store).await
+}
+
+async fn health(store: &Store) -> impl IntoResponse + use<> {
     // Healthy means the store can both answer reads and take writes (as grpc.health.v1 says).
-    if !state.deps.store.is_writable() {
+    if !store.is_writable() {
         return (StatusCode::SERVICE_UNAVAILABLE, "store cannot write\n");
     }
-    match state.deps.store.ping().await {
+    match store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::warn!(error = %e, "health check: store unavailable");
@@ -108,7 +163,7 @@ async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<WebState>) -> impl IntoResponse {
+async fn metrics(State(state): State<OperatorState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.prometheus.render(),

@@ -183,7 +183,7 @@ async fn hot_reload_applies_valid_edits_and_refuses_broken_ones() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(policy_cap(ch.clone()).await, 2);
-    let http = reqwest_metrics(server.http).await;
+    let http = reqwest_metrics(server.metrics).await;
     assert!(
         http.contains("hexveil_config_reloads_total{result=\"refused\"} 1"),
         "{http}"
@@ -306,13 +306,36 @@ async fn health_reflection_and_metrics() {
     drop(ch);
     let (status, body) = http_get(server.http, "/healthz").await;
     assert_eq!(status, 200, "{body}");
-    let metrics = reqwest_metrics(server.http).await;
+    let metrics = reqwest_metrics(server.metrics).await;
     assert!(
         metrics.contains("hexveil_grpc_requests_total{method=\"hexveil.v1.ConsentService/SetConsent\",code=\"OK\"} 1"),
         "{metrics}"
     );
     assert!(metrics.contains("hexveil_grpc_request_duration_seconds_bucket"));
     assert!(server.terminate().success(), "SIGTERM shuts down cleanly");
+}
+
+/// Exact deployment-wide counters are the operator's: the merchant-facing HTTP port (the
+/// dashboard's) never serves them, with or without a merchant key; only the operator's own
+/// listener (`server.metrics_listen`, loopback by default) does.
+#[tokio::test]
+async fn metrics_are_served_only_on_the_operator_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::spawn(dir.path(), &[]);
+    let ch = connect(server.grpc).await;
+    consent_client(ch.clone())
+        .set_consent(set(&token(6)))
+        .await
+        .unwrap();
+    drop(ch);
+    let (status, body) = http_get(server.http, "/metrics").await;
+    assert_eq!(status, 404, "merchant port must not serve /metrics: {body}");
+    assert!(!body.contains("hexveil_"), "{body}");
+    let (status, body) = http_get(server.metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("hexveil_consent_grants_total"), "{body}");
+    assert_ne!(server.metrics.port(), server.http.port());
+    assert!(server.terminate().success());
 }
 
 #[test]

@@ -233,36 +233,6 @@ async fn client(
     }
 }
 
-/// Registers a merchant with the CLI and gives it one generous offer at `cell`.
-async fn merchant_with_offer(ch: &Channel, store_url: &str, cell: h3o::CellIndex) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hexveil"))
-        .args(["merchant", "add", "--store", store_url, "--name", "Bica"])
-        .args(["--cell", &format!("{cell:x}"), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let key = added["api_key"].as_str().unwrap().to_string();
-    merchant_client(ch.clone(), Some(&key))
-        .upsert_offer(pb::UpsertOfferRequest {
-            offer: Some(pb::Offer {
-                title: "Bica".into(),
-                cell: cell.into(),
-                radius_k: 1,
-                valid_from: Some(ts(now_secs() - 60)),
-                valid_until: Some(ts(now_secs() + 86_400)),
-                max_notifications_per_day: 1_000_000,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-}
-
 /// Every acknowledged consent and offer is in the store, as the server reads it back.
 async fn assert_all_there(ch: &Channel, ledger: &Ledger, when: &str) {
     let mut consent = consent_client(ch.clone());
@@ -336,7 +306,8 @@ async fn full_disk(reserve_mb: u64, strict: bool) {
         .unwrap()
         .to_cell(h3o::Resolution::Eight);
     let store_url = format!("sqlite://{}/hexveil.db", data.display());
-    merchant_with_offer(&ch, &store_url, cell).await;
+    let key = cli_merchant_add(&store_url, "Bica", cell);
+    upsert_offer_now(&ch, &key, "Bica", cell).await;
     assert_eq!(health(&ch).await, ServingStatus::Serving);
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));

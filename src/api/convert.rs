@@ -102,6 +102,12 @@ pub fn my_data(d: &MyData) -> pb::MyData {
                 retention_deadline: Some(timestamp(deadline)),
             }
         }),
+        contribution_spend: d.contribution_spend.map(|(count, deadline)| {
+            pb::PendingContributions {
+                count,
+                retention_deadline: Some(timestamp(deadline)),
+            }
+        }),
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
     }
@@ -160,6 +166,20 @@ pub fn privacy_policy(p: &PrivacyPolicy<'_>) -> pb::PrivacyPolicy {
             bucket: Some(duration(c.insights.bucket.get())),
             grace: Some(duration(c.insights.grace.get())),
             insights_resolution: u32::from(c.insights.resolution),
+            max_contributions_per_day: dp.contributions_per_day,
+            offer_stats_noise_std_dev: dp.offer_stats.noise_std_dev,
+            offer_stats_rho_per_day: dp
+                .budget
+                .iter()
+                .filter(|p| p.release == "offer_stats")
+                .map(|p| p.rho)
+                .sum(),
+            offer_stats_epsilon_per_day: dp
+                .budget
+                .iter()
+                .filter(|p| p.release == "offer_stats")
+                .map(|p| p.epsilon)
+                .sum(),
         }),
         recipients: p
             .recipients

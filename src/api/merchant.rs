@@ -19,6 +19,7 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::merchants::{self, MerchantError};
 use crate::model::{Merchant, MerchantId, Offer};
 use crate::offers::Offers;
+use crate::privacy::offer_stats;
 use crate::privacy::query::{self, Granularity};
 use crate::settings::LiveSettings;
 use crate::store::Store;
@@ -167,21 +168,19 @@ impl MerchantApi {
     }
 }
 
+/// Most opening-hours entries on one offer (four windows on each day of the week).
+pub const OPENING_HOURS_MAX: usize = 28;
+
 fn timestamp(v: &mut Violations, field: &str, ts: &Option<prost_types::Timestamp>) -> Timestamp {
     match ts {
         None => {
             v.add(field, "required");
             Timestamp(0)
         }
-        Some(t)
-            if !(0..1_000_000_000).contains(&t.nanos)
-                || t.seconds < 0
-                || t.seconds > 32_503_680_000 =>
-        {
+        Some(t) => Timestamp::from_unix(t.seconds, t.nanos).unwrap_or_else(|| {
             v.add(field, "must be a valid time between 1970 and 3000");
             Timestamp(0)
-        }
-        Some(t) => Timestamp(t.seconds * 1000 + i64::from(t.nanos / 1_000_000)),
+        }),
     }
 }
 
@@ -206,6 +205,13 @@ fn offer_from_wire(o: Option<pb::Offer>) -> Result<Offer, ApiError> {
     let valid_from = timestamp(&mut v, "offer.valid_from", &o.valid_from);
     let valid_until = timestamp(&mut v, "offer.valid_until", &o.valid_until);
     let mut opening_hours = Vec::new();
+    if o.opening_hours.len() > OPENING_HOURS_MAX {
+        // Refused as a whole, before looking at any entry.
+        return Err(ApiError::field(
+            "offer.opening_hours",
+            format!("at most {OPENING_HOURS_MAX} entries"),
+        ));
+    }
     for (i, h) in o.opening_hours.iter().enumerate() {
         match crate::offers::opening_hours(h.weekday, &h.open, &h.close) {
             Ok(h) => opening_hours.push(h),
@@ -315,6 +321,39 @@ impl MerchantService for MerchantApi {
                 })
                 .collect(),
             params: Some(convert::privacy_params(&settings)),
+        }))
+    }
+
+    async fn get_offer_stats(
+        &self,
+        request: Request<pb::GetOfferStatsRequest>,
+    ) -> Result<Response<pb::GetOfferStatsReply>, Status> {
+        let merchant = merchant_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let start = timestamp(&mut v, "start", &req.start);
+        let end = timestamp(&mut v, "end", &req.end);
+        v.finish()?;
+        let settings = self.settings.current();
+        let stats = offer_stats::query(&self.store, &merchant, start, end)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetOfferStatsReply {
+            stats: stats
+                .iter()
+                .map(|p| pb::OfferStats {
+                    offer_id: p.offer_id.to_string(),
+                    day: Some(convert::timestamp(p.day)),
+                    deliveries: p.deliveries,
+                    deliveries_ci95_low: p.deliveries_ci95.0,
+                    deliveries_ci95_high: p.deliveries_ci95.1,
+                    opens: p.opens,
+                    opens_ci95_low: p.opens_ci95.0,
+                    opens_ci95_high: p.opens_ci95.1,
+                })
+                .collect(),
+            params: Some(convert::privacy_params(&settings)),
+            noise_std_dev: settings.consequences.privacy.offer_stats.noise_std_dev,
         }))
     }
 }

@@ -5,11 +5,14 @@
 //! streaming calls that is the status of the stream's start, which is what a latency
 //! histogram of stream set-up should show.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use prost::Message;
 use tower::{Layer, Service};
 
 /// Adds `hexveil_grpc_requests_total` and `hexveil_grpc_request_duration_seconds`.
@@ -30,19 +33,53 @@ pub struct GrpcMetrics<S> {
     inner: S,
 }
 
-/// Bounded label values: known services keep their path, anything else is "unknown", so a
-/// client cannot grow the metric set without limit.
-fn method_label(path: &str) -> String {
-    const KNOWN: [&str; 4] = [
-        "/hexveil.v1.",
-        "/grpc.health.v1.",
-        "/grpc.reflection.v1.",
-        "/grpc.reflection.v1alpha.",
-    ];
-    if KNOWN.iter().any(|p| path.starts_with(p)) && path.len() < 128 {
-        path.trim_start_matches('/').to_string()
-    } else {
-        "unknown".to_string()
+/// Label of every call to a method the server does not have.
+const UNKNOWN: &str = "unknown";
+
+/// Every method the server serves, as `/package.Service/Method`: read from the descriptor
+/// sets it registers (so a new RPC is labelled without touching this file), plus reflection.
+fn known_methods() -> &'static HashSet<String> {
+    static KNOWN: OnceLock<HashSet<String>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let mut known: HashSet<String> = [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        for set in [
+            super::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            // A set that does not decode would be a build error; it then only means fewer
+            // labels, never an unbounded one.
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        known.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        known
+    })
+}
+
+/// Bounded label values: a method the server has keeps its path, anything else shares the
+/// one `"unknown"` label, so no client can grow the metric set (SPEC: metric memory bounded).
+fn method_label(path: &str) -> &'static str {
+    match known_methods().get(path) {
+        Some(known) => &known[1..],
+        None => UNKNOWN,
     }
 }
 
@@ -97,7 +134,7 @@ where
                 Ok(resp) => code_label(resp.headers().get("grpc-status")),
                 Err(_) => "TRANSPORT_ERROR",
             };
-            metrics::counter!("hexveil_grpc_requests_total", "method" => method.clone(), "code" => code)
+            metrics::counter!("hexveil_grpc_requests_total", "method" => method, "code" => code)
                 .increment(1);
             metrics::histogram!("hexveil_grpc_request_duration_seconds", "method" => method, "code" => code)
                 .record(started.elapsed().as_secs_f64());
@@ -117,6 +154,14 @@ mod tests {
             "hexveil.v1.ConsentService/SetConsent"
         );
         assert_eq!(method_label("/evil/with-random-path-123"), "unknown");
+        assert_eq!(
+            method_label("/hexveil.v1.ConsentService/Made-up-42"),
+            "unknown"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
         assert_eq!(code_label(None), "OK");
         assert_eq!(
             code_label(Some(&http::HeaderValue::from_static("3"))),

@@ -67,21 +67,22 @@ impl PresenceApi {
                 v.add("observed_at", "required");
                 None
             }
-            Some(ts) if !(0..1_000_000_000).contains(&ts.nanos) || ts.seconds < 946_684_800 => {
-                v.add("observed_at", "must be a valid time after 2000-01-01");
-                None
+            Some(ts) => match crate::clock::Timestamp::from_unix(ts.seconds, ts.nanos) {
+                // The shared bound, narrowed: no phone reports from before 2000.
+                Some(t) if t.seconds() >= 946_684_800 => Some(t),
+                _ => {
+                    v.add("observed_at", "must be a valid time after 2000-01-01");
+                    None
+                }
             }
-            Some(ts) => {
-                let t = crate::clock::Timestamp(
-                    ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000),
-                );
+            .and_then(|t| {
                 if t > now.plus(MAX_CLOCK_SKEW) {
                     v.add("observed_at", "is in the future");
                     None
                 } else {
                     Some(t)
                 }
-            }
+            }),
         };
         if !(-840..=840).contains(&req.utc_offset_minutes) {
             v.add("utc_offset_minutes", "must be between -840 and 840");
@@ -107,9 +108,8 @@ impl PresenceApi {
         async move {
             let result = match decided {
                 Ok((decision, commit)) => presence
-                    .commit(commit)
+                    .commit(decision, commit)
                     .await
-                    .map(|()| decision)
                     .map_err(ApiError::from),
                 Err(e) => Err(e),
             };

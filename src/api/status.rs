@@ -6,6 +6,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use super::validate::{VIOLATIONS_LISTED, more_violations};
 use crate::consent::ConsentError;
 use crate::store::StoreError;
 
@@ -93,7 +94,14 @@ impl From<ConsentError> for ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         match e {
-            ApiError::InvalidArgument(violations) => {
+            ApiError::InvalidArgument(mut violations) => {
+                // Every path is capped here too (domain validators build their own lists),
+                // so no error grows with the request.
+                if violations.len() > VIOLATIONS_LISTED + 1 {
+                    let more = violations.len() - VIOLATIONS_LISTED;
+                    violations.truncate(VIOLATIONS_LISTED);
+                    violations.push(more_violations(more));
+                }
                 let message = violations
                     .iter()
                     .map(|(f, d)| format!("{f}: {d}"))

@@ -10,23 +10,35 @@ use super::status::ApiError;
 pub const TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=128;
 /// Longest accepted policy version.
 pub const POLICY_VERSION_MAX: usize = 64;
+/// Most entries in a `purposes` list (there are two purposes; the slack is for new ones).
+pub const PURPOSES_MAX: usize = 8;
+/// Most violations one error lists; the rest are only counted, so a request with 100,000
+/// bad values gets one short error (and costs no more than its first few).
+pub const VIOLATIONS_LISTED: usize = 10;
 
-/// Collects field violations; [`Violations::finish`] turns them into one error.
+/// Collects field violations; [`Violations::finish`] turns them into one error. It keeps the
+/// first [`VIOLATIONS_LISTED`] and counts the rest.
 #[derive(Debug, Default)]
-pub struct Violations(Vec<(String, String)>);
+pub struct Violations(Vec<(String, String)>, usize);
 
 impl Violations {
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push((field.into(), description.into()));
+        if self.0.len() < VIOLATIONS_LISTED {
+            self.0.push((field.into(), description.into()));
+        } else {
+            self.1 += 1;
+        }
     }
 
     /// `Ok` when no violation was recorded.
-    pub fn finish(self) -> Result<(), ApiError> {
+    pub fn finish(mut self) -> Result<(), ApiError> {
         if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::InvalidArgument(self.0))
+            return Ok(());
         }
+        if self.1 > 0 {
+            self.0.push(more_violations(self.1));
+        }
+        Err(ApiError::InvalidArgument(self.0))
     }
 
     /// `Ok(values)` when no violation was recorded. A parser yields `None` only after
@@ -60,6 +72,11 @@ impl Violations {
 
     /// Checks a list of purposes: known values, no duplicates.
     pub fn purposes(&mut self, field: &str, raw: &[i32]) -> Purposes {
+        if raw.len() > PURPOSES_MAX {
+            // Refused as a whole: checking each of a huge list is work nobody needs.
+            self.add(field, format!("at most {PURPOSES_MAX} purposes"));
+            return Purposes::NONE;
+        }
         let mut seen = Vec::with_capacity(raw.len());
         for (i, value) in raw.iter().enumerate() {
             match pb::Purpose::try_from(*value) {
@@ -92,6 +109,14 @@ impl Violations {
             self.add(field, "must not contain control characters");
         }
     }
+}
+
+/// The summary entry that stands for `n` violations not listed.
+pub fn more_violations(n: usize) -> (String, String) {
+    (
+        "request".to_string(),
+        format!("and {n} more violations not listed"),
+    )
 }
 
 #[cfg(test)]
@@ -140,6 +165,28 @@ mod tests {
                 v.purposes("p", &[2, 2]);
             },
             &["p"],
+        );
+    }
+
+    #[test]
+    fn long_lists_are_refused_whole_and_violations_are_capped() {
+        check(
+            |v| {
+                v.purposes("p", &vec![9; 100_000]);
+            },
+            &["p"],
+        );
+        let mut v = Violations::default();
+        for i in 0..100_000 {
+            v.add(format!("f[{i}]"), "bad");
+        }
+        let Err(ApiError::InvalidArgument(listed)) = v.finish() else {
+            panic!("violations must fail");
+        };
+        assert_eq!(listed.len(), VIOLATIONS_LISTED + 1);
+        assert_eq!(
+            listed[VIOLATIONS_LISTED].1,
+            "and 99990 more violations not listed"
         );
     }
 

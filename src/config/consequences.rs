@@ -27,20 +27,64 @@ pub struct CapConsequences {
     pub earliest_next_notification_secs: u64,
 }
 
+/// One release series' share of the per-device daily budget. The promise is their total:
+/// zCDP ρ adds up over Gaussian releases (then converts to one (ε, δ)), pure ε adds up over
+/// Laplace ones. A new release series (the daily foot-traffic release) is one more part.
+///
+/// The unit is any 24 hours of one device's activity. A part must state what such a window
+/// can cost it: the hourly releases enforce their bound over a rolling window
+/// (`privacy::contrib`); offer statistics are per UTC day but their input, deliveries, is
+/// bounded by the caps' rolling windows. A per-UTC-day release whose own bound is per UTC day
+/// (the daily release) is touched by two days in a window straddling midnight, so its part is
+/// twice one day's cost unless its bound is made rolling too.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetPart {
+    /// `"hourly_foot_traffic"`, `"offer_stats"`, …
+    pub release: &'static str,
+    /// zCDP ρ one device can spend on it in any 24 hours (Gaussian; else 0).
+    pub rho: f64,
+    /// Pure-DP ε one device can spend on it in any 24 hours (Laplace; else 0).
+    pub epsilon: f64,
+}
+
+/// Noise and sensitivity of the offer statistics (per offer and UTC day: deliveries, opens).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OfferStatsConsequences {
+    /// Deliveries one device counts in per UTC day at most (the caps' daily maximum; the
+    /// release clips to it).
+    pub max_deliveries_per_device_per_day: u32,
+    /// Deliveries one device counts in per offer and day at most (clipped likewise).
+    pub max_deliveries_per_device_per_offer: u32,
+    /// L1 sensitivity of one day's table (deliveries and opens of every offer).
+    pub l1_sensitivity: f64,
+    /// Squared L2 sensitivity of one day's table.
+    pub l2_sensitivity_sq: f64,
+    /// Scale handed to opendp (σ or b).
+    pub noise_scale: f64,
+    pub noise_std_dev: f64,
+    /// Half-width of the 95% interval of one released count.
+    pub ci95_half_width: f64,
+}
+
 /// The privacy loss per device and the accuracy of each released count.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrivacyConsequences {
     /// `"discrete_gaussian"` or `"discrete_laplace"`.
     pub mechanism: &'static str,
-    /// Worst-case (ε, δ) per device per UTC day, over all releases of that day.
+    /// Worst-case (ε, δ) one device can spend in any 24 hours, over every release series
+    /// (the sum of `budget`).
     pub epsilon_per_device_per_day: f64,
+    /// The shares of that total, one per release series.
+    pub budget: Vec<BudgetPart>,
+    /// Offer statistics' noise.
+    pub offer_stats: OfferStatsConsequences,
     /// δ of the guarantee (0 for the pure-DP Laplace mechanism).
     pub delta: f64,
     /// zCDP ρ per device per day (Gaussian only, else 0).
     pub rho_per_device_per_day: f64,
     /// Releases per day.
     pub buckets_per_day: u32,
-    /// (cell, bucket) pairs one device can move per day.
+    /// (cell, bucket) pairs one device can move in any 24 hours.
     pub contributions_per_day: u32,
     /// Scale handed to opendp (σ for Gaussian, b for Laplace).
     pub noise_scale: f64,
@@ -57,10 +101,9 @@ pub struct PrivacyConsequences {
 impl Consequences {
     /// Computes the consequences of `config` (values are assumed range-checked).
     pub fn of(config: &Config) -> Result<Consequences, AccountingError> {
-        Ok(Consequences {
-            caps: cap_consequences(config),
-            privacy: privacy_consequences(config)?,
-        })
+        let caps = cap_consequences(config);
+        let privacy = privacy_consequences(config, &caps)?;
+        Ok(Consequences { caps, privacy })
     }
 }
 
@@ -93,7 +136,23 @@ fn cap_consequences(config: &Config) -> CapConsequences {
     }
 }
 
-fn privacy_consequences(config: &Config) -> Result<PrivacyConsequences, AccountingError> {
+/// Offer statistics' sensitivity: the release clips each device to `n` deliveries per UTC day
+/// and `m` per offer and day (what the caps allow anyway), and an open counts only for a kept
+/// delivery. So one device moves at most `2n` counts by one in L1, and — each offer's two
+/// counts by at most `m` — at most `2·n·m` in squared L2.
+fn offer_stats_sensitivity(config: &Config, caps: &CapConsequences) -> (u32, u32, f64, f64) {
+    // With no deliveries allowed at all, calibrate for one: there is nothing to protect, but a
+    // zero scale would be an error (never "no noise").
+    let n = caps.max_notifications_per_device_per_day.max(1);
+    let m = config.caps.per_merchant_per_device_per_week.clamp(1, n);
+    (n, m, 2.0 * f64::from(n), 2.0 * f64::from(n) * f64::from(m))
+}
+
+fn privacy_consequences(
+    config: &Config,
+    caps: &CapConsequences,
+) -> Result<PrivacyConsequences, AccountingError> {
+    let (n, m, l1, l2_sq) = offer_stats_sensitivity(config, caps);
     let p = &config.privacy;
     let k = f64::from(p.max_cells_per_bucket);
     let buckets_per_day = u32::try_from(86_400 / config.insights.bucket.as_secs().max(1))
@@ -109,10 +168,34 @@ fn privacy_consequences(config: &Config) -> Result<PrivacyConsequences, Accounti
             // One release moves at most k counts by 1: L2² sensitivity k, so ρ_bucket = k/(2σ²).
             // Over a day the concatenated releases move at most C counts: ρ_day = C/(2σ²).
             let sigma = accounting::gaussian_sigma_for_rho(k, p.rho_per_bucket);
-            let rho_day = c / (2.0 * sigma * sigma);
+            let rho_hourly = c / (2.0 * sigma * sigma);
+            let offer_sigma = accounting::gaussian_sigma_for_rho(l2_sq, p.offer_stats_rho_per_day);
+            let budget = vec![
+                BudgetPart {
+                    release: "hourly_foot_traffic",
+                    rho: rho_hourly,
+                    epsilon: 0.0,
+                },
+                BudgetPart {
+                    release: "offer_stats",
+                    rho: l2_sq / (2.0 * offer_sigma * offer_sigma),
+                    epsilon: 0.0,
+                },
+            ];
+            let rho_day: f64 = budget.iter().map(|b| b.rho).sum();
             PrivacyConsequences {
                 mechanism: "discrete_gaussian",
                 epsilon_per_device_per_day: accounting::zcdp_to_epsilon(rho_day, p.delta)?,
+                budget,
+                offer_stats: OfferStatsConsequences {
+                    max_deliveries_per_device_per_day: n,
+                    max_deliveries_per_device_per_offer: m,
+                    l1_sensitivity: l1,
+                    l2_sensitivity_sq: l2_sq,
+                    noise_scale: offer_sigma,
+                    noise_std_dev: accounting::discrete_gaussian_std(offer_sigma),
+                    ci95_half_width: accounting::ci95_half_width_gaussian(offer_sigma),
+                },
                 delta: p.delta,
                 rho_per_device_per_day: rho_day,
                 buckets_per_day,
@@ -131,9 +214,32 @@ fn privacy_consequences(config: &Config) -> Result<PrivacyConsequences, Accounti
         MechanismKind::Laplace => {
             // L1 sensitivity k per release, so b = k/ε_bucket; a day moves C counts: ε = C/b.
             let b = accounting::laplace_scale_for_epsilon(k, p.epsilon_per_bucket);
+            let offer_b = accounting::laplace_scale_for_epsilon(l1, p.offer_stats_epsilon_per_day);
+            let budget = vec![
+                BudgetPart {
+                    release: "hourly_foot_traffic",
+                    rho: 0.0,
+                    epsilon: c / b,
+                },
+                BudgetPart {
+                    release: "offer_stats",
+                    rho: 0.0,
+                    epsilon: l1 / offer_b,
+                },
+            ];
             PrivacyConsequences {
                 mechanism: "discrete_laplace",
-                epsilon_per_device_per_day: c / b,
+                epsilon_per_device_per_day: budget.iter().map(|b| b.epsilon).sum(),
+                budget,
+                offer_stats: OfferStatsConsequences {
+                    max_deliveries_per_device_per_day: n,
+                    max_deliveries_per_device_per_offer: m,
+                    l1_sensitivity: l1,
+                    l2_sensitivity_sq: l2_sq,
+                    noise_scale: offer_b,
+                    noise_std_dev: accounting::discrete_laplace_std(offer_b),
+                    ci95_half_width: accounting::ci95_half_width_laplace(offer_b),
+                },
                 delta: 0.0,
                 rho_per_device_per_day: 0.0,
                 buckets_per_day,
@@ -150,4 +256,42 @@ fn privacy_consequences(config: &Config) -> Result<PrivacyConsequences, Accounti
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_promise_is_one_total_over_every_release_series() {
+        let config = Config::default();
+        let c = Consequences::of(&config).unwrap();
+        let p = &c.privacy;
+        let parts: Vec<&str> = p.budget.iter().map(|b| b.release).collect();
+        assert_eq!(parts, ["hourly_foot_traffic", "offer_stats"]);
+        let offer = &p.budget[1];
+        assert!((offer.rho - config.privacy.offer_stats_rho_per_day).abs() < 1e-12);
+        let total: f64 = p.budget.iter().map(|b| b.rho).sum();
+        assert!((total - p.rho_per_device_per_day).abs() < 1e-12);
+        let eps = accounting::zcdp_to_epsilon(total, p.delta).unwrap();
+        assert!((eps - p.epsilon_per_device_per_day).abs() < 1e-9);
+        // The hourly part alone would promise less: the offer statistics are not free.
+        let hourly = accounting::zcdp_to_epsilon(p.budget[0].rho, p.delta).unwrap();
+        assert!(hourly < p.epsilon_per_device_per_day);
+        // Defaults: 3 deliveries a day, 1 per offer: squared L2 sensitivity 2 * 3 * 1.
+        assert_eq!(p.offer_stats.l2_sensitivity_sq, 6.0);
+    }
+
+    #[test]
+    fn offer_statistics_can_break_the_promise_and_are_refused_then() {
+        let mut config = Config::default();
+        config.privacy.offer_stats_rho_per_day = 0.05;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+        assert!(err.to_string().contains("offer_stats_rho_per_day"), "{err}");
+        config.privacy.mechanism = MechanismKind::Laplace;
+        config.privacy.offer_stats_epsilon_per_day = 1.5;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+    }
 }

@@ -99,6 +99,63 @@ fn bad_values_and_unknown_keys_name_the_key() {
         ),
         ("[insights]\nbucket = \"15m\"", ""),
         ("[policy]\nversion = \"\"", "policy.version"),
+        // Transport bounds: 0 would mean "unlimited" to hyper and tonic.
+        (
+            "[server]\nmax_concurrent_streams = 0",
+            "server.max_concurrent_streams",
+        ),
+        ("[server]\nmax_connections = 0", "server.max_connections"),
+        ("[server]\nmax_in_flight = 1000000", "server.max_in_flight"),
+        ("[server]\nidle_timeout = \"0s\"", "server.idle_timeout"),
+        (
+            "[server]\nrequest_timeout = \"2d\"",
+            "server.request_timeout",
+        ),
+        (
+            "[server]\nmax_device_message_bytes = 0",
+            "server.max_device_message_bytes",
+        ),
+        ("[server]\nidle_timeout = \"1s\"\nmax_in_flight = 1", ""),
+        ("[server]\nmax_streams = 5", "server.max_streams"),
+        // Query cells: at most 4 levels coarser than the released resolution.
+        (
+            "[insights]\nmin_query_resolution = 3",
+            "insights.min_query_resolution",
+        ),
+        (
+            "[insights]\nmin_query_resolution = 9",
+            "insights.min_query_resolution",
+        ),
+        ("[insights]\nmin_query_resolution = 8", ""),
+        // Coarser released counts need a coarser query minimum too; the error says which.
+        (
+            "[insights]\nresolution = 4",
+            "insights.min_query_resolution",
+        ),
+        ("[insights]\nresolution = 4\nmin_query_resolution = 2", ""),
+        // Noise budgets in ranges that compute in milliseconds.
+        (
+            "[privacy]\nrho_per_bucket = 1e-300",
+            "privacy.rho_per_bucket",
+        ),
+        (
+            "[privacy]\nrho_per_bucket = 5e-324",
+            "privacy.rho_per_bucket",
+        ),
+        ("[privacy]\nrho_per_bucket = nan", "privacy.rho_per_bucket"),
+        (
+            "[privacy]\nmechanism = \"laplace\"\nepsilon_per_bucket = 1e-100",
+            "privacy.epsilon_per_bucket",
+        ),
+        ("[privacy]\ndelta = 1e-300", "privacy.delta"),
+        (
+            "[privacy]\nmax_epsilon_per_device_per_day = inf",
+            "privacy.max_epsilon_per_device_per_day",
+        ),
+        (
+            "[privacy]\nmax_contributions_per_day = 4294967295",
+            "privacy.max_contributions_per_day",
+        ),
     ] {
         check(toml, key);
     }
@@ -177,5 +234,35 @@ fn worst_case_caps_follow_interval_and_quiet_hours() {
             .caps
             .max_notifications_per_device_per_day,
         7
+    );
+}
+
+#[test]
+fn every_config_at_the_edges_of_its_ranges_computes_in_milliseconds() {
+    // The slowest corners of the accepted ranges: the largest noise scales (smallest budgets,
+    // most cells per bucket), the smallest delta, the most releases per day. A value that once
+    // hung start-up (rho = 1e-300) must be refused as quickly as these are accepted.
+    let mut slowest = std::time::Duration::ZERO;
+    for mechanism in ["gaussian", "laplace"] {
+        for budget in ["1e-6", "1e-4", "0.01", "100.0", "1e-300", "5e-324"] {
+            for cells in [1, 100] {
+                for bucket in ["1m", "1d"] {
+                    let toml = format!(
+                        "[insights]\nbucket = \"{bucket}\"\n[privacy]\nmechanism = \"{mechanism}\"\n\
+                         rho_per_bucket = {budget}\nepsilon_per_bucket = {budget}\n\
+                         max_cells_per_bucket = {cells}\nmax_contributions_per_day = 100000\n\
+                         delta = 1e-12\nmax_epsilon_per_device_per_day = 100.0\n"
+                    );
+                    let started = std::time::Instant::now();
+                    let _ = Config::from_toml(&toml).and_then(|c| c.validate());
+                    slowest = slowest.max(started.elapsed());
+                }
+            }
+        }
+    }
+    // Debug build on a loaded CI machine; the slowest corner takes about a millisecond.
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "{slowest:?}"
     );
 }

@@ -19,6 +19,11 @@ use super::release::mechanism_of;
 
 /// Most cells in one query.
 pub const MAX_CELLS: usize = 500;
+/// Most released cells one query may cover, all query cells' children together.
+pub const MAX_MEMBERS: u64 = 50_000;
+/// Most points (series × periods) one answer may hold: a 5 KB request must not ask for a
+/// 300 MB answer (500 copies of one cell over 400 days of hours).
+pub const MAX_POINTS: u64 = 100_000;
 /// Longest time range in one query.
 pub const MAX_RANGE_DAYS: i64 = 400;
 
@@ -72,6 +77,16 @@ fn members(cell: u64, config: &Config, i: usize) -> Result<Vec<u64>, QueryError>
             ),
         ));
     }
+    // Checked before expanding: a resolution-0 cell stands for millions of released cells.
+    if u8::from(c.resolution()) < config.insights.min_query_resolution {
+        return Err(invalid(
+            format!("cells[{i}]"),
+            format!(
+                "coarser than insights.min_query_resolution ({}); query finer cells",
+                config.insights.min_query_resolution
+            ),
+        ));
+    }
     Ok(c.children(r).map(u64::from).collect())
 }
 
@@ -96,13 +111,29 @@ pub async fn foot_traffic(
         ));
     }
     check_range(start, end)?;
+    check_points(cells_in.len(), config, start, end, granularity)?;
     let area: Option<BTreeSet<u64>> = match config.insights.scope {
         InsightsScope::OwnArea => Some(domain::merchant_area(merchant, config)),
         InsightsScope::All => None,
     };
     let mut groups = Vec::with_capacity(cells_in.len());
+    let mut seen = BTreeSet::new();
+    let mut covered = 0_u64;
     for (i, cell) in cells_in.iter().enumerate() {
         let m = members(*cell, config, i)?;
+        // A cell listed twice is one series: answers never depend on how often it is named.
+        if !seen.insert(*cell) {
+            continue;
+        }
+        covered += m.len() as u64;
+        if covered > MAX_MEMBERS {
+            return Err(invalid(
+                "cells",
+                format!(
+                    "the cells cover more than {MAX_MEMBERS} released cells; query fewer or finer cells"
+                ),
+            ));
+        }
         if let Some(area) = &area
             && m.iter().any(|c| !area.contains(c))
         {
@@ -124,13 +155,41 @@ pub async fn area_total(
     granularity: Granularity,
 ) -> Result<Vec<Point>, QueryError> {
     check_range(start, end)?;
+    check_points(1, &settings.config, start, end, granularity)?;
     let area: Vec<u64> = domain::merchant_area(merchant, &settings.config)
         .into_iter()
         .collect();
     answer(store, settings, vec![(0, area)], start, end, granularity).await
 }
 
-fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
+/// Refuses a query whose answer could hold more than [`MAX_POINTS`] points, before any read.
+fn check_points(
+    series: usize,
+    config: &Config,
+    start: Timestamp,
+    end: Timestamp,
+    granularity: Granularity,
+) -> Result<(), QueryError> {
+    let period_ms = match granularity {
+        Granularity::Hour => config.insights.bucket.as_secs().max(1) * 1000,
+        Granularity::Day => 86_400_000,
+    };
+    let span = u64::try_from(end.millis() - start.millis()).unwrap_or(0);
+    let points = (series as u64).saturating_mul(span.div_ceil(period_ms));
+    if points > MAX_POINTS {
+        return Err(invalid(
+            "end",
+            format!(
+                "the answer could hold {points} points (cells × periods), more than {MAX_POINTS}; \
+                 shorten the range, ask for days, or query fewer cells"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a query's time range (shared by every merchant read).
+pub(crate) fn check_range(start: Timestamp, end: Timestamp) -> Result<(), QueryError> {
     if end <= start {
         return Err(invalid("end", "must be after start"));
     }
@@ -153,7 +212,14 @@ async fn answer(
     granularity: Granularity,
 ) -> Result<Vec<Point>, QueryError> {
     let config = &settings.config;
-    let all: Vec<u64> = groups.iter().flat_map(|(_, m)| m.iter().copied()).collect();
+    // Each released row is read once, however many requested cells (a cell and its parent,
+    // say) it belongs to; each series then sums its own members once.
+    let all: Vec<u64> = groups
+        .iter()
+        .flat_map(|(_, m)| m.iter().copied())
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     let released = store.released(&all, start, end).await?;
     let ledger: HashMap<i64, (Mechanism, f64)> = store
         .ledger(start, end)

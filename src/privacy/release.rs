@@ -21,6 +21,7 @@ use super::accounting::Mechanism;
 use super::contrib::{self, Admission};
 use super::domain;
 use super::mechanism::{self, NoiseError};
+use super::offer_stats;
 
 /// Buckets released per run at most (a long outage catches up over several runs).
 const MAX_BUCKETS_PER_RUN: usize = 1000;
@@ -57,6 +58,8 @@ pub struct Insights {
     settings: LiveSettings,
     /// Start of the newest released bucket (ms); contributions at or before it are late.
     released_through: Arc<AtomicI64>,
+    /// Start of the newest released day of offer statistics (ms), `i64::MIN` if none.
+    offer_stats_through: Arc<AtomicI64>,
     /// The current domain, for ingest (releases recompute theirs for the bucket's start).
     domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
     noise: Noise,
@@ -65,8 +68,11 @@ pub struct Insights {
 /// What a release run did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReleaseRun {
+    /// Foot-traffic buckets released (and found released already).
     pub released: usize,
     pub already: usize,
+    /// Days of offer statistics released.
+    pub offer_days: usize,
 }
 
 pub(crate) fn mechanism_of(kind: MechanismKind) -> Mechanism {
@@ -83,6 +89,7 @@ impl Insights {
             clock,
             settings,
             released_through: Arc::new(AtomicI64::new(i64::MIN)),
+            offer_stats_through: Arc::new(AtomicI64::new(i64::MIN)),
             domain: Arc::default(),
             noise: Noise::OpenDp,
         }
@@ -98,6 +105,10 @@ impl Insights {
     pub async fn load(&self) -> Result<(), StoreError> {
         if let Some(last) = self.store.last_release().await? {
             self.released_through
+                .fetch_max(last.millis(), Ordering::SeqCst);
+        }
+        if let Some(last) = self.store.last_offer_stats_day().await? {
+            self.offer_stats_through
                 .fetch_max(last.millis(), Ordering::SeqCst);
         }
         self.refresh_domain().await
@@ -155,7 +166,7 @@ impl Insights {
             return None;
         }
         let held = state.contributions();
-        held.retain(|(b, _)| b.millis() > watermark);
+        contrib::prune(held, watermark);
         match contrib::admit(
             held,
             bucket,
@@ -198,11 +209,22 @@ impl Insights {
             .map(Timestamp::millis)
             .filter(|b| *b <= latest_due)
             .collect();
-        // Once releasing has begun, every bucket is released, empty ones included, so the
-        // absence of a release never says "nobody was there".
+        // Every bucket from the first whole one after the first merchant registered is
+        // released, empty ones included, whether or not anyone was ever counted: neither the
+        // start of releases nor a missing one may say "somebody came" or "nobody was there".
         let watermark = self.released_through.load(Ordering::SeqCst);
-        if watermark != i64::MIN {
-            let mut b = (watermark.div_euclid(len) + 1) * len;
+        let first = if watermark == i64::MIN {
+            self.store
+                .merchants()
+                .await?
+                .iter()
+                .map(|m| m.created_at.millis())
+                .min()
+                .map(|t| t.div_euclid(len) * len + if t.rem_euclid(len) == 0 { 0 } else { len })
+        } else {
+            Some((watermark.div_euclid(len) + 1) * len)
+        };
+        if let Some(mut b) = first {
             while b <= latest_due && buckets.len() < MAX_BUCKETS_PER_RUN {
                 buckets.insert(b);
                 b += len;
@@ -216,7 +238,37 @@ impl Insights {
                 run.already += 1;
             }
         }
+        run.offer_days = self.release_offer_stats_due().await?;
         Ok(run)
+    }
+
+    /// Releases every due day of offer statistics; returns how many were released now.
+    pub async fn release_offer_stats_due(&self) -> Result<usize, InsightsError> {
+        let settings = self.settings.current();
+        let grace = duration_millis(settings.config.insights.grace.get());
+        let watermark = self.offer_stats_through.load(Ordering::SeqCst);
+        let watermark = (watermark != i64::MIN).then_some(watermark);
+        let first = if watermark.is_none() {
+            offer_stats::first_day(&self.store.merchants().await?)
+        } else {
+            None
+        };
+        let mut released = 0;
+        for day in offer_stats::due_days(watermark, first, self.clock.now().millis(), grace) {
+            if offer_stats::release_day(
+                &self.store,
+                &settings,
+                self.noise,
+                Timestamp(day),
+                self.clock.now(),
+            )
+            .await?
+            {
+                released += 1;
+            }
+            self.offer_stats_through.fetch_max(day, Ordering::SeqCst);
+        }
+        Ok(released)
     }
 
     /// Releases one bucket; `Ok(false)` if it had been released already.

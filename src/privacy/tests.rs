@@ -86,9 +86,24 @@ fn device(n: u32) -> DeviceId {
     DeviceId(id)
 }
 
-fn consent(r: &Rig, d: DeviceId, purposes: &[Purpose]) {
+/// Grants consent as the consent service does: the store (contributions and notifications
+/// are recorded only for a device the store knows consents), then memory.
+async fn consent(r: &Rig, d: DeviceId, purposes: &[Purpose]) {
+    store_consent(&r.store, d, purposes, r.clock.now()).await;
     let p: Purposes = purposes.iter().copied().collect();
     r.devices.set_purposes(d, p, r.clock.now());
+}
+
+async fn store_consent(store: &Store, d: DeviceId, purposes: &[Purpose], now: Timestamp) {
+    let receipt = crate::model::ConsentReceipt {
+        receipt_id: uuid::Uuid::new_v4().to_string(),
+        device: d,
+        purposes: purposes.iter().copied().collect(),
+        granted_at: now,
+        policy_version: "1".into(),
+        controller: "test".into(),
+    };
+    store.put_consent(receipt, now).await.unwrap();
 }
 
 async fn released(r: &Rig, bucket: Timestamp) -> Vec<(u64, i64)> {
@@ -115,7 +130,7 @@ async fn a_device_in_fifty_cells_moves_at_most_k_counts_by_one() {
     config.rate_limits.device_burst = 1000;
     let r = rig(config, false, &[(45.76, 4.84)]).await;
     let d = device(1);
-    consent(&r, d, &[Purpose::FootTraffic]);
+    consent(&r, d, &[Purpose::FootTraffic]).await;
     let centre = h3o::LatLng::new(45.76, 4.84)
         .unwrap()
         .to_cell(h3o::Resolution::Eight);
@@ -135,7 +150,8 @@ async fn a_device_in_fifty_cells_moves_at_most_k_counts_by_one() {
     }
     r.clock.advance(2 * HOUR);
     let run = r.insights.release_due().await.unwrap();
-    assert_eq!(run.released, 1);
+    // T0 and the empty bucket after it: releases run from the merchant's first whole bucket.
+    assert_eq!(run.released, 2);
     let counts = released(&r, Timestamp(T0)).await;
     assert_eq!(counts.len(), 331, "the whole domain is released");
     let moved: Vec<_> = counts.iter().filter(|(_, n)| *n != 0).collect();
@@ -159,7 +175,7 @@ async fn releases_cover_the_domain_exactly_once_and_delete_raw_contributions() {
     let inside = *domain.iter().next().unwrap();
     for n in 0..30 {
         let d = device(n);
-        consent(&r, d, &[Purpose::FootTraffic, Purpose::NearbyOffers]);
+        consent(&r, d, &[Purpose::FootTraffic, Purpose::NearbyOffers]).await;
         for cell in [inside, u64::from(outside)] {
             let report = Report {
                 device: d,
@@ -172,7 +188,7 @@ async fn releases_cover_the_domain_exactly_once_and_delete_raw_contributions() {
     }
     // A device without foot-traffic consent is never counted.
     let d = device(99);
-    consent(&r, d, &[Purpose::NearbyOffers]);
+    consent(&r, d, &[Purpose::NearbyOffers]).await;
     r.presence
         .report(Report {
             device: d,
@@ -258,6 +274,9 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
     )
     .into_iter()
     .collect();
+    for n in 0..7 {
+        store_consent(&r.store, device(n), &[Purpose::FootTraffic], Timestamp(T0)).await;
+    }
     let mut samples = Vec::new();
     for round in 0..rounds {
         let bucket = Timestamp(T0).plus(HOUR * round as u32);
@@ -390,5 +409,242 @@ async fn gaussian_release_noise_matches_the_mechanism() {
 async fn laplace_release_noise_matches_the_mechanism() {
     let (samples, scale) = noise_samples(MechanismKind::Laplace, 11).await;
     assert!(samples.len() >= 100_000, "{}", samples.len());
+    check_distribution(&samples, Mechanism::DiscreteLaplace, scale);
+}
+
+/// An offer of merchant `m0` valid over `[from, until)`.
+async fn put_offer(r: &Rig, from: i64, until: i64) -> crate::model::Offer {
+    let m = &r.store.merchants().await.unwrap()[0];
+    let offer = crate::model::Offer {
+        offer_id: uuid::Uuid::new_v4(),
+        merchant_id: m.merchant_id,
+        title: "t".into(),
+        body: String::new(),
+        cell: m.cells[0],
+        radius_k: 1,
+        valid_from: Timestamp(from),
+        valid_until: Timestamp(until),
+        max_notifications_per_day: 1000,
+        opening_hours: vec![],
+        updated_at: Timestamp(T0),
+    };
+    r.store
+        .write(WriteOp::PutOffer(offer.clone()))
+        .await
+        .unwrap();
+    offer
+}
+
+async fn deliver(r: &Rig, d: DeviceId, offer: &crate::model::Offer, at: i64, opened: bool) {
+    let n = crate::model::Notification {
+        notification_id: uuid::Uuid::new_v4(),
+        device: d,
+        offer_id: offer.offer_id,
+        merchant_id: offer.merchant_id,
+        cell: offer.cell,
+        sent_at: Timestamp(at),
+        feedback: None,
+    };
+    let id = n.notification_id;
+    r.store.write(WriteOp::Notify(n)).await.unwrap();
+    if opened {
+        r.store
+            .write(WriteOp::Feedback {
+                device: d,
+                notification_id: id,
+                feedback: crate::model::Feedback::Opened,
+                restriction: None,
+                now: Timestamp(at),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Offer statistics clip each device to what the caps allow (3 deliveries a day, 1 per
+/// offer with the defaults), count an open only for a kept delivery, release every offer
+/// valid that day (zeros included, none other), once, with a ledger entry that spends
+/// exactly the offer-statistics share of the budget.
+#[tokio::test]
+async fn offer_stats_clip_devices_release_the_domain_once_and_enter_the_ledger() {
+    let r = rig(Config::default(), false, &[(59.33, 18.07)]).await;
+    let day = T0.div_euclid(DAY_MS) * DAY_MS;
+    let a = put_offer(&r, day - DAY_MS, day + 10 * DAY_MS).await;
+    let b = put_offer(&r, day - DAY_MS, day + 10 * DAY_MS).await;
+    let quiet = put_offer(&r, day - DAY_MS, day + 10 * DAY_MS).await;
+    let _future = put_offer(&r, day + 3 * DAY_MS, day + 10 * DAY_MS).await;
+    let (d1, d2, d3) = (device(1), device(2), device(3));
+    for d in [d1, d2, d3] {
+        store_consent(&r.store, d, &[Purpose::NearbyOffers], Timestamp(T0)).await;
+    }
+    // d1: five deliveries of A (only the first counts, and it was opened).
+    deliver(&r, d1, &a, T0, true).await;
+    for i in 1..5 {
+        deliver(&r, d1, &a, T0 + i * 60_000, true).await;
+    }
+    // d2: A, B, A — the second A is over the per-offer bound; nothing opened.
+    deliver(&r, d2, &a, T0, false).await;
+    deliver(&r, d2, &b, T0 + 60_000, false).await;
+    deliver(&r, d2, &a, T0 + 120_000, false).await;
+    // d3: four of B on the next day belong to the next day's release.
+    for i in 0..4 {
+        deliver(&r, d3, &b, day + DAY_MS + i * 60_000, true).await;
+    }
+    let os = r
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats
+        .clone();
+    assert_eq!(
+        (
+            os.max_deliveries_per_device_per_day,
+            os.max_deliveries_per_device_per_offer
+        ),
+        (3, 1)
+    );
+
+    r.clock.set(Timestamp(day + DAY_MS + 10 * 60_000 - 1));
+    assert_eq!(
+        r.insights.release_offer_stats_due().await.unwrap(),
+        0,
+        "not before the grace"
+    );
+    r.clock.set(Timestamp(day + DAY_MS + 10 * 60_000));
+    assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 1);
+    assert_eq!(
+        r.insights.release_offer_stats_due().await.unwrap(),
+        0,
+        "released once"
+    );
+    let merchant = r.store.merchants().await.unwrap().remove(0);
+    let stats = r
+        .store
+        .offer_stats(
+            merchant.merchant_id,
+            Timestamp(day - DAY_MS),
+            Timestamp(day + 5 * DAY_MS),
+        )
+        .await
+        .unwrap();
+    let get = |o: &crate::model::Offer| {
+        stats
+            .iter()
+            .find(|s| s.offer_id == o.offer_id)
+            .map(|s| (s.deliveries, s.opens))
+    };
+    assert_eq!(get(&a), Some((2, 1)));
+    assert_eq!(get(&b), Some((1, 0)));
+    assert_eq!(get(&quiet), Some((0, 0)), "zeros are released too");
+    assert_eq!(
+        stats.len(),
+        3,
+        "an offer not valid that day is not released"
+    );
+    let ledger = r
+        .store
+        .offer_stats_ledger(Timestamp(day - DAY_MS), Timestamp(day + 5 * DAY_MS))
+        .await
+        .unwrap();
+    assert_eq!(ledger.len(), 1);
+    let part = r
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .budget
+        .iter()
+        .find(|p| p.release == "offer_stats")
+        .unwrap()
+        .clone();
+    assert!(
+        (ledger[0].rho - part.rho).abs() < 1e-12,
+        "{:?} vs {part:?}",
+        ledger[0]
+    );
+    assert!(
+        (ledger[0].rho - r.settings.current().config.privacy.offer_stats_rho_per_day).abs() < 1e-9
+    );
+
+    // The next day: d3's four deliveries of B count once (per-offer bound), opened.
+    r.clock.set(Timestamp(day + 2 * DAY_MS + 10 * 60_000));
+    assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 1);
+    let next = r
+        .store
+        .offer_stats(
+            merchant.merchant_id,
+            Timestamp(day + DAY_MS),
+            Timestamp(day + 2 * DAY_MS),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter()
+            .find(|s| s.offer_id == b.offer_id)
+            .map(|s| (s.deliveries, s.opens)),
+        Some((1, 1))
+    );
+}
+
+/// Noise of released offer statistics: 1000 offers over 50 days nobody was notified on,
+/// released through the real path; every released value is pure noise.
+async fn offer_noise_samples(mechanism: MechanismKind) -> (Vec<i64>, f64) {
+    let mut config = Config::default();
+    config.privacy.mechanism = mechanism;
+    let r = rig(config, true, &[(59.33, 18.07)]).await;
+    let scale = r
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats
+        .noise_scale;
+    let day = T0.div_euclid(DAY_MS) * DAY_MS;
+    let m = r.store.merchants().await.unwrap().remove(0);
+    let ops = (0..1000)
+        .map(|_| {
+            WriteOp::PutOffer(crate::model::Offer {
+                offer_id: uuid::Uuid::new_v4(),
+                merchant_id: m.merchant_id,
+                title: "t".into(),
+                body: String::new(),
+                cell: m.cells[0],
+                radius_k: 0,
+                valid_from: Timestamp(day - DAY_MS),
+                valid_until: Timestamp(day + 100 * DAY_MS),
+                max_notifications_per_day: 1,
+                opening_hours: vec![],
+                updated_at: Timestamp(T0),
+            })
+        })
+        .collect();
+    r.store.write(WriteOp::Many(ops)).await.unwrap();
+    r.clock.set(Timestamp(day + 50 * DAY_MS + 10 * 60_000));
+    assert_eq!(r.insights.release_offer_stats_due().await.unwrap(), 50);
+    let samples = r
+        .store
+        .offer_stats(m.merchant_id, Timestamp(day), Timestamp(day + 50 * DAY_MS))
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|s| [s.deliveries, s.opens])
+        .collect();
+    (samples, scale)
+}
+
+#[tokio::test]
+async fn gaussian_offer_stats_noise_matches_the_mechanism() {
+    let (samples, scale) = offer_noise_samples(MechanismKind::Gaussian).await;
+    assert_eq!(samples.len(), 100_000);
+    check_distribution(&samples, Mechanism::DiscreteGaussian, scale);
+}
+
+#[tokio::test]
+async fn laplace_offer_stats_noise_matches_the_mechanism() {
+    let (samples, scale) = offer_noise_samples(MechanismKind::Laplace).await;
+    assert_eq!(samples.len(), 100_000);
     check_distribution(&samples, Mechanism::DiscreteLaplace, scale);
 }

@@ -15,11 +15,12 @@ use tokio::sync::mpsc;
 
 use super::group_commit::{self, BatchFailure, BatchWriter, OpResult, Pending};
 use super::health::Health;
-use super::{NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
+use super::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, WriteOp, WriteResult};
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, CurrentCell, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
-    MerchantId, Notification, Offer, OfferId, OpeningHours, Purposes, ReleasedCount, Restriction,
+    ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback,
+    LedgerEntry, Merchant, MerchantId, Notification, Offer, OfferStatRow, OfferStatsLedgerEntry,
+    OpeningHours, Purpose, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -44,6 +45,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "store probe",
         include_str!("migrations/sqlite/0004_store_probe.sql"),
+    ),
+    (
+        5,
+        "privacy accounting",
+        include_str!("migrations/sqlite/0005_privacy_accounting.sql"),
     ),
 ];
 
@@ -184,6 +190,13 @@ impl SqliteStore {
         .bind(&device.0[..])
         .fetch_one(&mut *tx)
         .await?;
+        let spend = sqlx::query(
+            "SELECT COALESCE(SUM(pairs), 0) AS n, MAX(bucket) AS latest
+             FROM contribution_spend WHERE device = ?",
+        )
+        .bind(&device.0[..])
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -207,6 +220,8 @@ impl SqliteStore {
             restrictions,
             pending_contributions: pending.try_get::<i64, _>("n")? as u64,
             latest_pending_bucket: opt_ts(&pending, "latest")?,
+            contribution_spend: spend.try_get::<i64, _>("n")? as u64,
+            latest_spend_bucket: opt_ts(&spend, "latest")?,
         }))
     }
 
@@ -371,6 +386,25 @@ impl SqliteStore {
             .collect()
     }
 
+    pub(crate) async fn load_contribution_spend(
+        &self,
+        through: Timestamp,
+    ) -> Result<Vec<(DeviceId, Timestamp, u32)>, StoreError> {
+        sqlx::query("SELECT device, bucket, pairs FROM contribution_spend WHERE bucket <= ?")
+            .bind(through.millis())
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    device_id(r, "device")?,
+                    Timestamp(r.try_get("bucket")?),
+                    u32::try_from(r.try_get::<i64, _>("pairs")?).unwrap_or(u32::MAX),
+                ))
+            })
+            .collect()
+    }
+
     pub(crate) async fn last_release(&self) -> Result<Option<Timestamp>, StoreError> {
         let row = sqlx::query("SELECT MAX(bucket) AS b FROM ledger")
             .fetch_one(&self.readers)
@@ -489,25 +523,96 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(crate) async fn offer_shown_counts(
+    pub(crate) async fn deliveries(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        sqlx::query(
+            "SELECT device, offer_id, sent_at, feedback FROM notifications
+             WHERE sent_at >= ? AND sent_at < ? ORDER BY sent_at, notification_id",
+        )
+        .bind(start.millis())
+        .bind(end.millis())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(DeliveryRow {
+                device: device_id(r, "device")?,
+                offer_id: uuid_col(r, "offer_id")?,
+                sent_at: Timestamp(r.try_get("sent_at")?),
+                opened: r.try_get::<Option<String>, _>("feedback")?.as_deref()
+                    == Some(Feedback::Opened.as_str()),
+            })
+        })
+        .collect()
+    }
+
+    pub(crate) async fn last_offer_stats_day(&self) -> Result<Option<Timestamp>, StoreError> {
+        let row = sqlx::query("SELECT MAX(day) AS d FROM offer_stats_ledger")
+            .fetch_one(&self.readers)
+            .await?;
+        opt_ts(&row, "d")
+    }
+
+    pub(crate) async fn offer_stats(
         &self,
         merchant_id: MerchantId,
-        since: Timestamp,
-    ) -> Result<Vec<(OfferId, u64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT offer_id, COUNT(*) AS shown FROM notifications
-             WHERE merchant_id = ? AND sent_at >= ? GROUP BY offer_id",
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<OfferStatRow>, StoreError> {
+        sqlx::query(
+            "SELECT day, offer_id, merchant_id, deliveries, opens FROM offer_stats
+             WHERE merchant_id = ? AND day >= ? AND day < ? ORDER BY day, offer_id",
         )
         .bind(merchant_id.to_string())
-        .bind(since.millis())
+        .bind(start.millis())
+        .bind(end.millis())
         .fetch_all(&self.readers)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let shown: i64 = r.try_get("shown")?;
-                Ok((uuid_col(r, "offer_id")?, shown.max(0) as u64))
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(OfferStatRow {
+                day: Timestamp(r.try_get("day")?),
+                offer_id: uuid_col(r, "offer_id")?,
+                merchant_id: uuid_col(r, "merchant_id")?,
+                deliveries: r.try_get("deliveries")?,
+                opens: r.try_get("opens")?,
             })
-            .collect()
+        })
+        .collect()
+    }
+
+    pub(crate) async fn offer_stats_ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<OfferStatsLedgerEntry>, StoreError> {
+        sqlx::query(
+            "SELECT day, released_at, mechanism, scale, rho, epsilon, l1_sensitivity,
+               l2_sensitivity, offers FROM offer_stats_ledger
+             WHERE day >= ? AND day < ? ORDER BY day",
+        )
+        .bind(start.millis())
+        .bind(end.millis())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(OfferStatsLedgerEntry {
+                day: Timestamp(r.try_get("day")?),
+                released_at: Timestamp(r.try_get("released_at")?),
+                mechanism: r.try_get("mechanism")?,
+                scale: r.try_get("scale")?,
+                rho: r.try_get("rho")?,
+                epsilon: r.try_get("epsilon")?,
+                l1_sensitivity: r.try_get("l1_sensitivity")?,
+                l2_sensitivity: r.try_get("l2_sensitivity")?,
+                offers: r.try_get::<i64, _>("offers")? as u64,
+            })
+        })
+        .collect()
     }
 }
 
@@ -916,6 +1021,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             for sql in [
                 "DELETE FROM consent_receipts WHERE device = ?",
                 "DELETE FROM contributions WHERE device = ?",
+                "DELETE FROM contribution_spend WHERE device = ?",
                 "DELETE FROM notifications WHERE device = ?",
                 "DELETE FROM restrictions WHERE device = ?",
                 "DELETE FROM devices WHERE device = ?",
@@ -932,6 +1038,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             for table in [
                 "consent_receipts",
                 "contributions",
+                "contribution_spend",
                 "notifications",
                 "restrictions",
             ] {
@@ -952,24 +1059,45 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             Ok(WriteResult::Count(n))
         }
         WriteOp::Many(ops) => {
+            // Yields the sum of its parts' counts (e.g. notifications recorded), if any count.
+            let mut total = None;
             for op in ops {
-                Box::pin(apply_one(&mut *conn, op)).await?;
+                if let WriteResult::Count(n) = Box::pin(apply_one(&mut *conn, op)).await? {
+                    *total.get_or_insert(0) += n;
+                }
             }
-            Ok(WriteResult::Done)
+            Ok(total.map_or(WriteResult::Done, WriteResult::Count))
         }
         WriteOp::Contribute {
             device,
             cell,
             bucket,
         } => {
-            sqlx::query(
-                "INSERT OR IGNORE INTO contributions (bucket, cell, device) VALUES (?, ?, ?)",
+            // Conditional on the device's consent in this very transaction: a contribution
+            // decided just before a withdrawal cannot outlive the erasure.
+            let added = sqlx::query(
+                "INSERT OR IGNORE INTO contributions (bucket, cell, device)
+                 SELECT ?, ?, ? WHERE EXISTS
+                   (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)",
             )
             .bind(bucket.millis())
             .bind(*cell as i64)
             .bind(&device.0[..])
+            .bind(&device.0[..])
+            .bind(i64::from(Purpose::FootTraffic.bit()))
             .execute(&mut *conn)
-            .await?;
+            .await?
+            .rows_affected();
+            if added == 1 {
+                sqlx::query(
+                    "INSERT INTO contribution_spend (device, bucket, pairs) VALUES (?, ?, 1)
+                     ON CONFLICT (device, bucket) DO UPDATE SET pairs = pairs + 1",
+                )
+                .bind(&device.0[..])
+                .bind(bucket.millis())
+                .execute(&mut *conn)
+                .await?;
+            }
             Ok(WriteResult::Done)
         }
         WriteOp::Release { entry, counts } => {
@@ -1013,6 +1141,11 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 .bind(entry.bucket.millis())
                 .execute(&mut *conn)
                 .await?;
+            // Spend that can no longer share a 24-hour window with a new contribution.
+            sqlx::query("DELETE FROM contribution_spend WHERE bucket <= ?")
+                .bind(entry.bucket.millis() - crate::privacy::contrib::WINDOW_MS)
+                .execute(&mut *conn)
+                .await?;
             Ok(WriteResult::Count(1))
         }
         WriteOp::Presence { device, dwell, now } => {
@@ -1030,38 +1163,11 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             .await?;
             Ok(WriteResult::Done)
         }
-        WriteOp::Notify(n) => {
-            let device = &n.device.0[..];
-            sqlx::query(
-                "INSERT INTO notifications
-                   (notification_id, device, offer_id, merchant_id, cell, sent_at, feedback)
-                 VALUES (?, ?, ?, ?, ?, ?, NULL)",
-            )
-            .bind(n.notification_id.to_string())
-            .bind(device)
-            .bind(n.offer_id.to_string())
-            .bind(n.merchant_id.to_string())
-            .bind(n.cell as i64)
-            .bind(n.sent_at.millis())
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
-                   (SELECT notification_id FROM notifications WHERE device = ?
-                    ORDER BY sent_at DESC LIMIT ?)",
-            )
-            .bind(device)
-            .bind(device)
-            .bind(NOTIFICATIONS_KEPT)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
-                .bind(n.sent_at.millis())
-                .bind(device)
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteResult::Done)
-        }
+        WriteOp::Notify(n) => notify(conn, n, None).await,
+        WriteOp::Deliver {
+            notification,
+            limits,
+        } => notify(conn, notification, Some(*limits)).await,
         WriteOp::Feedback {
             device,
             notification_id,
@@ -1078,9 +1184,11 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             .execute(&mut *conn)
             .await?;
             if let Some(r) = restriction {
+                // Conditional on the device row: feedback decided just before a withdrawal
+                // cannot leave a restriction behind the erasure.
                 sqlx::query(
                     "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
-                     VALUES (?, ?, ?, ?, ?)
+                     SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?)
                      ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
                        dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
                 )
@@ -1089,6 +1197,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 .bind(i64::from(r.muted))
                 .bind(i64::from(r.dismissals))
                 .bind(r.backoff_until.map(Timestamp::millis))
+                .bind(&r.device.0[..])
                 .execute(&mut *conn)
                 .await?;
             }
@@ -1098,6 +1207,43 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 .execute(&mut *conn)
                 .await?;
             Ok(WriteResult::Done)
+        }
+        WriteOp::ReleaseOfferStats { entry, rows } => {
+            let inserted = sqlx::query(
+                "INSERT OR IGNORE INTO offer_stats_ledger (day, released_at, mechanism, scale,
+                   rho, epsilon, l1_sensitivity, l2_sensitivity, offers)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(entry.day.millis())
+            .bind(entry.released_at.millis())
+            .bind(&entry.mechanism)
+            .bind(entry.scale)
+            .bind(entry.rho)
+            .bind(entry.epsilon)
+            .bind(entry.l1_sensitivity)
+            .bind(entry.l2_sensitivity)
+            .bind(entry.offers as i64)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // Already released (a retry, or another node): change nothing.
+                return Ok(WriteResult::Count(0));
+            }
+            for chunk in rows.chunks(500) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO offer_stats (day, offer_id, merchant_id, deliveries, opens) ",
+                );
+                q.push_values(chunk, |mut row, r| {
+                    row.push_bind(r.day.millis())
+                        .push_bind(r.offer_id.to_string())
+                        .push_bind(r.merchant_id.to_string())
+                        .push_bind(r.deliveries)
+                        .push_bind(r.opens);
+                });
+                q.build().execute(&mut *conn).await?;
+            }
+            Ok(WriteResult::Count(1))
         }
         WriteOp::PutMerchant(m) => {
             sqlx::query(
@@ -1172,6 +1318,77 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
             Ok(WriteResult::Count(n))
         }
     }
+}
+
+/// Records a delivered notification if the conditions below hold; yields 1, or 0 (and
+/// changes nothing) if it was refused.
+async fn notify(
+    conn: &mut SqliteConnection,
+    n: &Notification,
+    limits: Option<DeliveryLimits>,
+) -> Result<WriteResult, sqlx::Error> {
+    let device = &n.device.0[..];
+    // Recorded only if, in this transaction, the device still consents to offers, the
+    // merchant is not revoked and the offer exists: whatever another process or node changed
+    // since the decision, nothing refused here is ever shown. With limits, also only if the
+    // offer's daily budget and the cell's flood guard still have room among the stored
+    // notifications, which every node writes: the in-memory reservations hold them on one
+    // node, this holds them across nodes.
+    let (per_day, per_minute) = limits.map_or((i64::MAX, i64::MAX), |l| {
+        (i64::from(l.offer_per_day), i64::from(l.cell_per_minute))
+    });
+    let minute = n.sent_at.millis().div_euclid(60_000) * 60_000;
+    let recorded = sqlx::query(
+        "INSERT INTO notifications
+           (notification_id, device, offer_id, merchant_id, cell, sent_at, feedback)
+         SELECT ?, ?, ?, ?, ?, ?, NULL
+         WHERE EXISTS (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
+           AND EXISTS (SELECT 1 FROM merchants WHERE merchant_id = ? AND revoked_at IS NULL)
+           AND EXISTS (SELECT 1 FROM offers WHERE offer_id = ? AND merchant_id = ?)
+           AND (SELECT COUNT(*) FROM notifications WHERE offer_id = ? AND sent_at > ?) < ?
+           AND (SELECT COUNT(*) FROM notifications
+                WHERE sent_at >= ? AND sent_at < ? AND cell = ?) < ?",
+    )
+    .bind(n.notification_id.to_string())
+    .bind(device)
+    .bind(n.offer_id.to_string())
+    .bind(n.merchant_id.to_string())
+    .bind(n.cell as i64)
+    .bind(n.sent_at.millis())
+    .bind(device)
+    .bind(i64::from(Purpose::NearbyOffers.bit()))
+    .bind(n.merchant_id.to_string())
+    .bind(n.offer_id.to_string())
+    .bind(n.merchant_id.to_string())
+    .bind(n.offer_id.to_string())
+    .bind(n.sent_at.millis() - 86_400_000)
+    .bind(per_day)
+    .bind(minute)
+    .bind(minute + 60_000)
+    .bind(n.cell as i64)
+    .bind(per_minute)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if recorded == 0 {
+        return Ok(WriteResult::Count(0));
+    }
+    sqlx::query(
+        "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
+           (SELECT notification_id FROM notifications WHERE device = ?
+            ORDER BY sent_at DESC LIMIT ?)",
+    )
+    .bind(device)
+    .bind(device)
+    .bind(NOTIFICATIONS_KEPT)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
+        .bind(n.sent_at.millis())
+        .bind(device)
+        .execute(&mut *conn)
+        .await?;
+    Ok(WriteResult::Count(1))
 }
 
 #[cfg(test)]

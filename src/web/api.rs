@@ -1,6 +1,7 @@
 //! The dashboard's JSON API under `/api/v1/`: the merchant's area (with cell boundaries for
-//! the map), released foot traffic, its offers with how often each was shown, and the privacy
-//! parameters in plain words.
+//! the map), released foot traffic, its offers, their released (noisy) delivery and open
+//! statistics per day, and the privacy parameters in plain words. Every number here comes
+//! from a released table or the config — none is computed from raw rows.
 //!
 //! Every route authenticates `Authorization: Bearer <key>` through the gRPC service's own
 //! [`crate::api::MerchantAuthLayer`] (same keys, same per-key rate limit) and answers from the
@@ -8,7 +9,7 @@
 //! browser can never see more than a gRPC client could. Errors are JSON
 //! `{"error": "...", "field": ...}` with 400, 401, 403, 404, 429 (and `Retry-After`) or 503.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -25,8 +26,8 @@ use crate::api::ApiError;
 use crate::cells;
 use crate::clock::{Timestamp, duration_millis};
 use crate::model::Merchant;
-use crate::privacy::domain;
 use crate::privacy::query::{self, Granularity, Point};
+use crate::privacy::{domain, offer_stats};
 use crate::store::StoreError;
 
 use super::WebState;
@@ -38,10 +39,11 @@ pub(super) fn routes() -> axum::Router<WebState> {
         .route("/foot-traffic", get(foot_traffic))
         .route("/foot-traffic/area", get(area_traffic))
         .route("/offers", get(offers))
+        .route("/offer-stats", get(offer_stats))
         .route("/privacy", get(privacy))
         .fallback(|| async {
             JsonError(ApiError::NotFound(
-                "no such API route (see /api/v1/me, /foot-traffic, /foot-traffic/area, /offers, /privacy)",
+                "no such API route (see /api/v1/me, /foot-traffic, /foot-traffic/area, /offers, /offer-stats, /privacy)",
             ))
         })
 }
@@ -178,9 +180,14 @@ impl Params {
         let v = self
             .take(name)?
             .ok_or_else(|| ApiError::field(name, "required (milliseconds since the Unix epoch)"))?;
-        match v.trim().parse::<i64>() {
-            Ok(ms) if (0..=32_503_680_000_000).contains(&ms) => Ok(Timestamp(ms)),
-            _ => Err(ApiError::field(
+        match v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(Timestamp::from_unix_millis)
+        {
+            Some(t) => Ok(t),
+            None => Err(ApiError::field(
                 name,
                 format!("{v:?} is not a time in milliseconds since the Unix epoch (1970-3000)"),
             )),
@@ -339,21 +346,6 @@ async fn area_traffic(
 async fn offers(State(state): State<WebState>, Authed(m): Authed) -> Result<Response, JsonError> {
     let deps = &state.deps;
     let list = deps.offers.list(&m).await.map_err(ApiError::from)?;
-    let day_ago = deps.clock.now().minus(crate::caps::DAY);
-    let counts =
-        |v: Vec<(uuid::Uuid, u64)>| -> HashMap<uuid::Uuid, u64> { v.into_iter().collect() };
-    let total = counts(
-        deps.store
-            .offer_shown_counts(m.merchant_id, Timestamp(0))
-            .await
-            .map_err(ApiError::from)?,
-    );
-    let last_day = counts(
-        deps.store
-            .offer_shown_counts(m.merchant_id, day_ago)
-            .await
-            .map_err(ApiError::from)?,
-    );
     let offers: Vec<serde_json::Value> = list
         .iter()
         .map(|o| {
@@ -366,12 +358,48 @@ async fn offers(State(state): State<WebState>, Authed(m): Authed) -> Result<Resp
                 "valid_from": o.valid_from.millis(),
                 "valid_until": o.valid_until.millis(),
                 "max_notifications_per_day": o.max_notifications_per_day,
-                "shown_last_24h": last_day.get(&o.offer_id).copied().unwrap_or(0),
-                "shown_total": total.get(&o.offer_id).copied().unwrap_or(0),
             })
         })
         .collect();
     Ok(Json(json!({ "offers": offers })).into_response())
+}
+
+/// Released offer statistics per offer and UTC day (`start`/`end` in ms; days starting in
+/// the range), with 95% intervals.
+async fn offer_stats(
+    State(state): State<WebState>,
+    Authed(m): Authed,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, JsonError> {
+    let mut p = Params::new(q)?;
+    let start = p.time("start")?;
+    let end = p.time("end")?;
+    p.finish()?;
+    let points = offer_stats::query(&state.deps.store, &m, start, end)
+        .await
+        .map_err(ApiError::from)?;
+    let os = &state
+        .deps
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .offer_stats;
+    Ok(Json(json!({
+        "stats": points.iter().map(|p| json!({
+            "offer_id": p.offer_id.to_string(),
+            "day": p.day.millis(),
+            "deliveries": p.deliveries,
+            "deliveries_ci95_low": p.deliveries_ci95.0,
+            "deliveries_ci95_high": p.deliveries_ci95.1,
+            "opens": p.opens,
+            "opens_ci95_low": p.opens_ci95.0,
+            "opens_ci95_high": p.opens_ci95.1,
+        })).collect::<Vec<_>>(),
+        "noise_std_dev": os.noise_std_dev,
+        "ci95_half_width": os.ci95_half_width,
+    }))
+    .into_response())
 }
 
 async fn privacy(State(state): State<WebState>, Authed(_): Authed) -> Result<Response, JsonError> {
@@ -392,6 +420,8 @@ async fn privacy(State(state): State<WebState>, Authed(_): Authed) -> Result<Res
         "cell_area_km2": cells::average_area_km2(c.insights.resolution),
         "max_cells_per_bucket": c.privacy.max_cells_per_bucket,
         "contributions_per_day": dp.contributions_per_day,
+        "offer_stats_noise_std_dev": dp.offer_stats.noise_std_dev,
+        "offer_stats_ci95_half_width": dp.offer_stats.ci95_half_width,
         "explanation": crate::policy::foot_traffic_explanation(&s),
     }))
     .into_response())

@@ -29,7 +29,7 @@ const check = (name) => { checks.push(name); console.log("ok - " + name); };
 const started = Date.now();
 const server = spawn(bin, [
   "serve", "--demo",
-  "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+  "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
   "--data-dir", work, "--store", `sqlite://${work}/demo.db`,
 ], { stdio: ["ignore", "pipe", "inherit"] });
 const keys = [];
@@ -129,10 +129,22 @@ try {
 
   const offers = await page.locator("#offers tbody tr").count();
   assert.ok(offers >= 1, "offers are listed");
-  const shown = await page.locator("#offers tbody tr td.num").allTextContents();
-  assert.ok(shown.every((t) => /^\d+$/.test(t)), "shown counts are numbers");
-  assert.match(await page.locator("#privacy-text").textContent(), /ε = \d\.\d\d per device per day/);
-  check(`${offers} offers with shown counts; privacy panel states ε per device per day`);
+  // Delivery figures are released (noisy) values with their 95% interval, never raw counts.
+  const released = await page.locator("#offers tbody tr td.released").allTextContents();
+  assert.ok(released.length >= 2, "delivered and opened columns");
+  // The demo's first simulated UTC day is released unless the test runs within
+  // insights.grace after midnight; then every figure must say so instead of showing a number.
+  const statsDay = await page.locator("#stats-day").textContent();
+  if (statsDay.startsWith("Delivered on")) {
+    assert.match(statsDay, /^Delivered on \d{4}-\d\d-\d\d \(UTC\)$/);
+    assert.ok(released.every((t) => /^\d+ \(95%: \d+–\d+\)$/.test(t)), "released figures with intervals: " + released.join(" | "));
+  } else {
+    assert.ok(released.every((t) => t === "not released yet"), released.join(" | "));
+  }
+  const privacyText = await page.locator("#privacy-text").textContent();
+  assert.match(privacyText, /ε = \d\.\d\d for any 24 hours/);
+  assert.match(privacyText, /noise is what protects people/);
+  check(`${offers} offers with released delivery/open figures and intervals; privacy panel states ε for any 24 hours`);
 
   // Every control has a label.
   for (const id of ["api-key", "period", "map-time"]) {

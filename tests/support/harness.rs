@@ -157,6 +157,8 @@ pub struct BinServer {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The operator-only metrics listener.
+    pub metrics: SocketAddr,
     pub stderr_path: PathBuf,
 }
 
@@ -184,6 +186,8 @@ impl BinServer {
             "--grpc-listen",
             "127.0.0.1:0",
             "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
         ])
         .args(["--store", &store, "--data-dir", &dir.display().to_string()])
@@ -219,6 +223,7 @@ impl BinServer {
         BinServer {
             grpc: addr("grpc="),
             http: addr("http="),
+            metrics: addr("metrics="),
             child,
             stderr_path,
         }
@@ -282,6 +287,85 @@ pub async fn dump_db(path: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Rows that name `device` in every per-device table of the SQLite file.
+pub async fn rows_of_device(db: &Path, device: &hexveil::pseudonym::DeviceId) -> usize {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut n = 0;
+    for t in [
+        "devices",
+        "consent_receipts",
+        "notifications",
+        "restrictions",
+        "contributions",
+        "contribution_spend",
+    ] {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t} WHERE device = ?"));
+        let c: i64 = sqlx::query_scalar(sql)
+            .bind(&device.0[..])
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        n += c as usize;
+    }
+    n
+}
+
+/// Rows of `table` that name `device`.
+pub async fn rows_in(db: &Path, table: &str, device: &hexveil::pseudonym::DeviceId) -> i64 {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table} WHERE device = ?"));
+    sqlx::query_scalar(sql)
+        .bind(&device.0[..])
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Registers a merchant at `cell` with the real CLI (`hexveil merchant add --json`) on the
+/// store at `store_url`; returns its API key.
+pub fn cli_merchant_add(store_url: &str, name: &str, cell: h3o::CellIndex) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hexveil"))
+        .args(["merchant", "add", "--store", store_url, "--name", name])
+        .args(["--cell", &format!("{cell:x}"), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    added["api_key"].as_str().unwrap().to_string()
+}
+
+/// Upserts one offer at `cell` (radius 1, valid from a minute ago for a day, a budget of a
+/// million a day) for the merchant holding `key`, against the real system time.
+pub async fn upsert_offer_now(ch: &Channel, key: &str, title: &str, cell: h3o::CellIndex) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    merchant_client(ch.clone(), Some(key))
+        .upsert_offer(pb::UpsertOfferRequest {
+            offer: Some(pb::Offer {
+                title: title.into(),
+                cell: cell.into(),
+                radius_k: 1,
+                valid_from: at(now - 60),
+                valid_until: at(now + 86_400),
+                max_notifications_per_day: 1_000_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
 }
 
 /// A token that passes validation, unique per `n`.

@@ -163,8 +163,27 @@ async function loadTraffic() {
   renderChart();
 }
 
+const DAY_MS = 86400000;
+
+// Released offer statistics of the newest released UTC day (within the last two weeks).
+async function loadOfferStats() {
+  const end = Math.floor(Date.now() / DAY_MS) * DAY_MS + DAY_MS;
+  const r = await api("/api/v1/offer-stats?start=" + (end - 14 * DAY_MS) + "&end=" + end);
+  const latest = r.stats.reduce((d, s) => Math.max(d, s.day), 0);
+  const byOffer = new Map(r.stats.filter((s) => s.day === latest).map((s) => [s.offer_id, s]));
+  return { latest, byOffer };
+}
+
+function fmtReleased(v, low, high) {
+  return Math.max(0, v) + " (95%: " + Math.round(low) + "–" + Math.round(high) + ")";
+}
+
 async function loadOffers() {
   const data = await api("/api/v1/offers");
+  const stats = await loadOfferStats();
+  $("stats-day").textContent = stats.latest
+    ? "Delivered on " + new Date(stats.latest).toISOString().slice(0, 10) + " (UTC)"
+    : "Delivered (no day released yet)";
   const tbody = $("offers").querySelector("tbody");
   tbody.replaceChildren();
   if (!data.offers.length) {
@@ -181,8 +200,9 @@ async function loadOffers() {
     const valid = new Date(o.valid_from).toLocaleDateString() + " – " + new Date(o.valid_until).toLocaleDateString();
     tr.append(el("td", {}, valid));
     tr.append(el("td", { class: "num" }, String(o.max_notifications_per_day)));
-    tr.append(el("td", { class: "num" }, String(o.shown_last_24h)));
-    tr.append(el("td", { class: "num" }, String(o.shown_total)));
+    const st = stats.byOffer.get(o.offer_id);
+    tr.append(el("td", { class: "num released" }, st ? fmtReleased(st.deliveries, st.deliveries_ci95_low, st.deliveries_ci95_high) : "not released yet"));
+    tr.append(el("td", { class: "num released" }, st ? fmtReleased(st.opens, st.opens_ci95_low, st.opens_ci95_high) : "not released yet"));
     tbody.append(tr);
   }
 }
@@ -390,11 +410,13 @@ function renderPrivacy() {
   const not = el("ul");
   not.append(el("li", {}, "Not individuals: no device, name or route is ever shown, and each phone counts in at most " + p.max_cells_per_bucket + " areas per period."));
   not.append(el("li", {}, "Not exact: small differences between areas or hours may be noise alone."));
-  not.append(el("li", {}, "Not zero when suppressed: counts below " + p.threshold + " are hidden, so a hatched area may have had a few visitors."));
+  not.append(el("li", {}, "Not zero when suppressed: counts below " + p.threshold + " are hidden, so a hatched area may have had a few visitors. Hiding them is for readability only — the noise is what protects people, and a suppressed count is as safe to show as any other. Sums over several cells (the whole area, a coarser cell) add every released value, suppressed ones included."));
   not.append(el("li", {}, "Not everyone: people who did not agree to be counted are never included."));
   box.append(not);
-  box.append(el("p", {}, "The guarantee: whatever you look at, what can be learned about any one person's presence is bounded by ε = "
-    + p.epsilon_per_device_per_day.toFixed(2) + " per device per day (δ = " + p.delta + "), within the operator's promise of ε ≤ "
+  box.append(el("p", {}, "Your offers' delivered and opened figures are released the same way: once per UTC day, with noise (standard deviation "
+    + p.offer_stats_noise_std_dev.toFixed(1) + "), never as exact counts."));
+  box.append(el("p", {}, "The guarantee: whatever you look at — foot traffic and offer figures together — what can be learned about any one person is bounded by ε = "
+    + p.epsilon_per_device_per_day.toFixed(2) + " for any 24 hours of their life (δ = " + p.delta + "), within the operator's promise of ε ≤ "
     + p.max_epsilon_per_device_per_day + "."));
 }
 

@@ -1,0 +1,308 @@
+//! The fleet: phones with a home cell that wander between it and its neighbours, and the
+//! loops that drive a server with them — unary at a fixed concurrency, streams, or an open
+//! loop at a fixed rate (latency measured from each request's scheduled time, so a stall is
+//! not hidden by the requests it held back).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use hexveil::api::pb;
+use hexveil::api::pb::presence_service_client::PresenceServiceClient;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+/// Reports a device sends before it moves to another cell of its neighbourhood.
+pub const MOVE_EVERY: u32 = 50;
+
+/// One simulated phone.
+#[derive(Debug, Clone)]
+pub struct Phone {
+    pub token: String,
+    home: h3o::CellIndex,
+    cell: h3o::CellIndex,
+    sent: u32,
+}
+
+impl Phone {
+    /// The next report: every [`MOVE_EVERY`] reports the phone steps to a random cell within
+    /// one ring of its home (H3 boundaries are where phones jitter in real life).
+    fn next(&mut self, rng: &mut SmallRng) -> pb::ReportPresenceRequest {
+        self.sent += 1;
+        if self.sent.is_multiple_of(MOVE_EVERY) {
+            let ring: Vec<h3o::CellIndex> = self.home.grid_disk(1);
+            self.cell = ring[rng.random_range(0..ring.len())];
+        }
+        pb::ReportPresenceRequest {
+            device_token: self.token.clone(),
+            cell: self.cell.into(),
+            observed_at: Some(now()),
+            utc_offset_minutes: 0,
+        }
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// `n` phones living within `radius` rings of `center`, reproducibly from `seed`.
+pub fn phones(n: u32, center: h3o::CellIndex, radius: u32, seed: u64) -> Vec<Phone> {
+    let area: Vec<h3o::CellIndex> = center.grid_disk(radius);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let home = area[rng.random_range(0..area.len())];
+            Phone {
+                token: format!("loadgen-phone-{i:08}"),
+                home,
+                cell: home,
+                sent: rng.random_range(0..MOVE_EVERY),
+            }
+        })
+        .collect()
+}
+
+/// What one round measured.
+#[derive(Debug)]
+pub struct Stats {
+    pub requests: u64,
+    pub elapsed: Duration,
+    /// Latency in microseconds (unary and open loop; streams measure throughput only).
+    pub latency: Histogram<u64>,
+    /// Outcomes by gRPC status code name ("OK", "Unavailable", ...).
+    pub codes: BTreeMap<String, u64>,
+    pub offers: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            requests: 0,
+            elapsed: Duration::ZERO,
+            // Unwrap safety: 3 significant figures is within hdrhistogram's 0-5 range.
+            latency: Histogram::new(3).expect("valid precision"),
+            codes: BTreeMap::new(),
+            offers: 0,
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        self.requests += other.requests;
+        // Unwrap safety: both histograms have the same auto-resizing configuration.
+        self.latency.add(other.latency).expect("same precision");
+        for (k, v) in other.codes {
+            *self.codes.entry(k).or_default() += v;
+        }
+        self.offers += other.offers;
+    }
+
+    fn record(&mut self, started: Instant, outcome: Result<&pb::ReportPresenceReply, tonic::Code>) {
+        self.requests += 1;
+        let micros = started.elapsed().as_micros().max(1) as u64;
+        let _ = self.latency.record(micros);
+        let code = match outcome {
+            Ok(reply) => match &reply.error {
+                Some(e) => tonic::Code::from(e.code),
+                None => {
+                    self.offers += reply.offers.len() as u64;
+                    tonic::Code::Ok
+                }
+            },
+            Err(code) => code,
+        };
+        *self.codes.entry(format!("{code:?}")).or_default() += 1;
+    }
+
+    /// Requests per second.
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Requests that did not end OK.
+    pub fn errors(&self) -> u64 {
+        self.codes
+            .iter()
+            .filter(|(k, _)| k.as_str() != "Ok")
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Splits the fleet into `parts` disjoint shares, so no phone is driven by two tasks at once
+/// (a phone sends one report at a time, as a real one does).
+fn shares(phones: &[Phone], parts: usize) -> Vec<Vec<Phone>> {
+    let mut out = vec![Vec::new(); parts];
+    for (i, p) in phones.iter().enumerate() {
+        out[i % parts].push(p.clone());
+    }
+    out
+}
+
+/// `concurrency` tasks over `channels` connections, each sending one unary report at a time,
+/// for `duration`.
+pub async fn unary(
+    channels: &[Channel],
+    phones: &[Phone],
+    concurrency: usize,
+    duration: Duration,
+) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut share) in shares(phones, concurrency).into_iter().enumerate() {
+        let mut client = PresenceServiceClient::new(channels[i % channels.len()].clone());
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut stats = Stats::new();
+            let mut rng = SmallRng::seed_from_u64(i as u64);
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) && !share.is_empty() {
+                let n = share.len();
+                let req = share[k % n].next(&mut rng);
+                k += 1;
+                let started = Instant::now();
+                match client.report_presence(req).await {
+                    Ok(r) => stats.record(started, Ok(r.get_ref())),
+                    Err(s) => stats.record(started, Err(s.code())),
+                }
+            }
+            stats
+        });
+    }
+    collect(tasks, stop, duration).await
+}
+
+/// `streams` StreamPresence calls over `channels` connections, each kept full, for
+/// `duration`; counts replies.
+pub async fn stream(
+    channels: &[Channel],
+    phones: &[Phone],
+    streams: usize,
+    duration: Duration,
+) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut share) in shares(phones, streams).into_iter().enumerate() {
+        let mut client = PresenceServiceClient::new(channels[i % channels.len()].clone());
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut stats = Stats::new();
+            if share.is_empty() {
+                return stats;
+            }
+            let stop_send = stop.clone();
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1024);
+            let sender = tokio::spawn(async move {
+                let mut rng = SmallRng::seed_from_u64(1_000 + i as u64);
+                let mut k = 0;
+                while !stop_send.load(Ordering::Relaxed) {
+                    let n = share.len();
+                    let req = share[k % n].next(&mut rng);
+                    k += 1;
+                    if tx.send(req).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let started = Instant::now();
+            match client.stream_presence(outbound).await {
+                Ok(response) => {
+                    let mut inbound = response.into_inner();
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(reply)) => stats.record(started, Ok(&reply)),
+                            Ok(None) => break,
+                            Err(s) => {
+                                stats.record(started, Err(s.code()));
+                                break;
+                            }
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+                Err(s) => stats.record(started, Err(s.code())),
+            }
+            sender.abort();
+            // Stream latency is not per message; keep only counts.
+            stats.latency.reset();
+            stats
+        });
+    }
+    collect(tasks, stop, duration).await
+}
+
+/// Reports at a fixed `rate` per second for `duration` (open loop): each is sent at its
+/// scheduled time on its own task, and its latency counts from that time.
+pub async fn paced(channels: &[Channel], phones: &[Phone], rate: f64, duration: Duration) -> Stats {
+    let stats = Arc::new(std::sync::Mutex::new(Stats::new()));
+    let mut fleet = phones.to_vec();
+    let mut rng = SmallRng::seed_from_u64(7);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let started = Instant::now();
+    let mut k: u64 = 0;
+    let mut handles = Vec::new();
+    loop {
+        let due = started + interval.mul_f64(k as f64);
+        if due.duration_since(started) >= duration {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        // Phones take turns, so at the rates this runs at a phone's previous report is long
+        // answered before its next one.
+        let idx = (k as usize) % fleet.len();
+        let req = fleet[idx].next(&mut rng);
+        let mut client = PresenceServiceClient::new(channels[idx % channels.len()].clone());
+        let stats = stats.clone();
+        handles.push(tokio::spawn(async move {
+            let r = client.report_presence(req).await;
+            let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
+                Ok(r) => s.record(due, Ok(r.get_ref())),
+                Err(e) => s.record(due, Err(e.code())),
+            }
+        }));
+        k += 1;
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let mut s = Arc::try_unwrap(stats)
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_else(|_| Stats::new());
+    s.elapsed = started
+        .elapsed()
+        .min(duration)
+        .max(Duration::from_millis(1));
+    s
+}
+
+async fn collect(
+    mut tasks: tokio::task::JoinSet<Stats>,
+    stop: Arc<AtomicBool>,
+    duration: Duration,
+) -> Stats {
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut total = Stats::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(s) = done {
+            total.merge(s);
+        }
+    }
+    total.elapsed = elapsed;
+    total
+}
