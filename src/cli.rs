@@ -1,4 +1,4 @@
-//! The command line: `serve` and `config check` (more subcommands arrive with their issues).
+//! The command line: `serve`, `config check`, `merchant add|list|revoke` and `simulate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,9 @@ pub enum Command {
         #[command(subcommand)]
         command: MerchantCommand,
     },
+    /// Replay synthetic traffic through the real pipeline under a config (and optionally a
+    /// second one) and report notifications per device, what withheld offers, and DP error.
+    Simulate(crate::simulate::cli::SimulateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -169,6 +172,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file, json },
         } => config_check(&file, json),
+        Command::Simulate(args) => crate::simulate::cli::run(args),
         Command::Merchant { command } => match merchant(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -77,7 +77,7 @@ pub struct DemoCity {
 }
 
 /// (name, lat, lng, offers as (title, body, radius_k, max per day)).
-type Shop = (
+pub(crate) type Shop = (
     &'static str,
     f64,
     f64,
@@ -85,7 +85,7 @@ type Shop = (
 );
 
 /// A few shops in central Lisbon, about 2 km apart so their areas overlap a little.
-const SHOPS: &[Shop] = &[
+pub(crate) const SHOPS: &[Shop] = &[
     (
         "Café Aurora",
         38.7107,
@@ -130,16 +130,100 @@ const SHOPS: &[Shop] = &[
 ];
 
 /// Share of devices out and about (reporting) in each local hour.
-const ACTIVITY: [f64; 24] = [
+pub(crate) const ACTIVITY: [f64; 24] = [
     0.03, 0.02, 0.01, 0.01, 0.02, 0.05, 0.15, 0.35, 0.55, 0.45, 0.40, 0.45, 0.60, 0.55, 0.40, 0.40,
     0.45, 0.60, 0.65, 0.50, 0.35, 0.20, 0.10, 0.05,
 ];
 
-struct Person {
-    id: crate::pseudonym::DeviceId,
+/// A simulated person's places (`hexveil simulate` uses the same daily routine).
+pub(crate) struct Person {
+    pub(crate) id: crate::pseudonym::DeviceId,
     home: CellIndex,
     work: CellIndex,
     favourite: CellIndex,
+}
+
+/// The daily routine's population knobs: the demo's values are [`Routine::DEMO`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Routine {
+    /// Share of people reporting in each local hour.
+    pub(crate) activity: [f64; 24],
+    /// Share of people living near a shop (the rest anywhere in the shops' areas).
+    pub(crate) home_near_shop: f64,
+    /// Share of people working near a shop.
+    pub(crate) work_near_shop: f64,
+    /// Share of out-and-about hours in which a person also visits a second place.
+    pub(crate) second_place: f64,
+}
+
+impl Routine {
+    pub(crate) const DEMO: Routine = Routine {
+        activity: ACTIVITY,
+        home_near_shop: 0.75,
+        work_near_shop: 0.8,
+        second_place: 0.3,
+    };
+}
+
+/// Places one person: home and work in the shops' areas (`domain`), busiest near the shops
+/// (`centres`), and a favourite shop.
+pub(crate) fn person(
+    rng: &mut StdRng,
+    id: crate::pseudonym::DeviceId,
+    centres: &[CellIndex],
+    domain: &[CellIndex],
+    routine: &Routine,
+) -> Person {
+    let mut somewhere = |p_central: f64| {
+        if rng.random_bool(p_central) {
+            let c = pick(rng, centres);
+            near(rng, c, 1)
+        } else {
+            pick(rng, domain)
+        }
+    };
+    let home = somewhere(routine.home_near_shop);
+    let work = somewhere(routine.work_near_shop);
+    Person {
+        id,
+        home,
+        work,
+        favourite: pick(rng, centres),
+    }
+}
+
+/// One hour of the daily routine: minute of the hour -> (person index, cell), in the order
+/// the people report. Each outing is two reports six minutes apart (long enough a dwell for
+/// an offer), sometimes followed by a second place half an hour later.
+pub(crate) fn plan_hour(
+    rng: &mut StdRng,
+    people: &[Person],
+    local_hour: usize,
+    routine: &Routine,
+) -> BTreeMap<i64, Vec<(usize, CellIndex)>> {
+    let mut plan: BTreeMap<i64, Vec<(usize, CellIndex)>> = BTreeMap::new();
+    for (i, p) in people.iter().enumerate() {
+        if !rng.random_bool(routine.activity[local_hour % 24]) {
+            continue;
+        }
+        let place = match local_hour {
+            7..=9 | 17..=18 if rng.random_bool(0.5) => near(rng, p.work, 1),
+            7..=9 | 17..=18 => near(rng, p.home, 1),
+            12..=13 if rng.random_bool(0.5) => near(rng, p.favourite, 1),
+            10..=16 => p.work,
+            19..=23 if rng.random_bool(0.35) => near(rng, p.favourite, 1),
+            _ => p.home,
+        };
+        let m0 = 10 * rng.random_range(0..3);
+        plan.entry(m0).or_default().push((i, place));
+        plan.entry(m0 + 6).or_default().push((i, place));
+        if rng.random_bool(routine.second_place) {
+            let other = near(rng, place, 2);
+            plan.entry(m0 + 30).or_default().push((i, other));
+            plan.entry(m0 + 36).or_default().push((i, other));
+        }
+    }
+    plan
 }
 
 fn pick<T: Copy>(rng: &mut StdRng, v: &[T]) -> T {
@@ -221,22 +305,8 @@ pub async fn seed(app: &App, clock: &DemoClock) -> anyhow::Result<DemoCity> {
         .collect();
     let people: Vec<Person> = (0..DEVICES)
         .map(|i| {
-            let mut somewhere = |p_central: f64| {
-                if rng.random_bool(p_central) {
-                    let c = pick(&mut rng, &centres);
-                    near(&mut rng, c, 1)
-                } else {
-                    pick(&mut rng, &domain)
-                }
-            };
-            let home = somewhere(0.75);
-            let work = somewhere(0.8);
-            Person {
-                id: app.pseudonyms.device_id(&format!("demo-device-{i:06}")),
-                home,
-                work,
-                favourite: pick(&mut rng, &centres),
-            }
+            let id = app.pseudonyms.device_id(&format!("demo-device-{i:06}"));
+            person(&mut rng, id, &centres, &domain, &Routine::DEMO)
         })
         .collect();
 
@@ -265,30 +335,7 @@ pub async fn seed(app: &App, clock: &DemoClock) -> anyhow::Result<DemoCity> {
     for hour in 0..=(until - first) / 3_600_000 {
         let hour_start = first + hour * 3_600_000;
         let local_hour = ((hour_start.div_euclid(3_600_000)) % 24) as usize;
-        // minute of the hour -> (device, cell)
-        let mut plan: BTreeMap<i64, Vec<(usize, CellIndex)>> = BTreeMap::new();
-        for (i, p) in people.iter().enumerate() {
-            if !rng.random_bool(ACTIVITY[local_hour]) {
-                continue;
-            }
-            let place = match local_hour {
-                7..=9 | 17..=18 if rng.random_bool(0.5) => near(&mut rng, p.work, 1),
-                7..=9 | 17..=18 => near(&mut rng, p.home, 1),
-                12..=13 if rng.random_bool(0.5) => near(&mut rng, p.favourite, 1),
-                10..=16 => p.work,
-                19..=23 if rng.random_bool(0.35) => near(&mut rng, p.favourite, 1),
-                _ => p.home,
-            };
-            let m0 = 10 * rng.random_range(0..3);
-            // Two reports six minutes apart: long enough a dwell for an offer.
-            plan.entry(m0).or_default().push((i, place));
-            plan.entry(m0 + 6).or_default().push((i, place));
-            if rng.random_bool(0.3) {
-                let other = near(&mut rng, place, 2);
-                plan.entry(m0 + 30).or_default().push((i, other));
-                plan.entry(m0 + 36).or_default().push((i, other));
-            }
-        }
+        let plan = plan_hour(&mut rng, &people, local_hour, &Routine::DEMO);
         for (minute, batch) in plan {
             let at = hour_start + minute * 60_000;
             if at > until {

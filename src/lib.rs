@@ -12,7 +12,9 @@
 //!
 //! [`server`] wires the layers to listeners and background jobs, within the bounds of
 //! [`transport`] (connections, streams, idle time, load shedding); [`cli`] is the command line;
-//! [`demo`] seeds the synthetic city of `hexveil serve --demo` through the real paths.
+//! [`demo`] seeds the synthetic city of `hexveil serve --demo` through the real paths;
+//! [`simulate`] replays its daily routine through the same paths under a config to report
+//! what the config does (`hexveil simulate`).
 //! See `ARCHITECTURE.md` for the invariants each module keeps.
 
 pub mod api;
@@ -34,6 +36,7 @@ pub mod pseudonym;
 pub mod reload;
 pub mod server;
 pub mod settings;
+pub mod simulate;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
