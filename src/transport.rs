@@ -10,9 +10,9 @@
 //!   of its own, and hyper's keep-alive pings keep a silent client's connection busy forever;
 //! - [`TrackLayer`] (gRPC) and [`serve_http`] (HTTP) count each request in flight until its
 //!   response body is finished, so a long `StreamPresence` is not "idle";
-//! - [`ShedLayer`] holds one of `server.max_in_flight` slots per call until its response body
-//!   ends (a stream holds it while open), answering an over-limit call RESOURCE_EXHAUSTED at
-//!   once; `grpc.health.v1` passes around it so health checks answer under any load.
+//! - [`ShedLayer`] is tower's `GlobalConcurrencyLimit` under `LoadShed`, answering an
+//!   over-limit call RESOURCE_EXHAUSTED at once; `grpc.health.v1` passes around it so health
+//!   checks answer under any load.
 //!
 //! Architecture invariant: every listener is served through [`incoming`], so every accepted
 //! connection holds a slot of `server.max_connections` and has an idle deadline.
@@ -402,18 +402,16 @@ where
 }
 
 /// Sheds gRPC calls beyond `server.max_in_flight` (over all connections) with
-/// RESOURCE_EXHAUSTED at once, instead of queueing them without bound. A call holds its slot
-/// until its response body ends, so a stream (StreamPresence) counts for as long as it is
-/// open — a client cannot hold thousands of streams because each handler returned at once.
+/// RESOURCE_EXHAUSTED at once, instead of queueing them without bound.
 #[derive(Debug, Clone)]
 pub struct ShedLayer {
-    slots: Arc<Semaphore>,
+    limit: GlobalConcurrencyLimitLayer,
 }
 
 impl ShedLayer {
     pub fn new(max_in_flight: usize) -> ShedLayer {
         ShedLayer {
-            slots: Arc::new(Semaphore::new(max_in_flight)),
+            limit: GlobalConcurrencyLimitLayer::new(max_in_flight),
         }
     }
 }
@@ -423,8 +421,8 @@ impl<S: Clone> Layer<S> for ShedLayer {
 
     fn layer(&self, inner: S) -> Shed<S> {
         Shed {
+            limited: LoadShed::new(self.limit.layer(inner.clone())),
             inner,
-            slots: self.slots.clone(),
         }
     }
 }
@@ -433,7 +431,7 @@ impl<S: Clone> Layer<S> for ShedLayer {
 #[derive(Debug, Clone)]
 pub struct Shed<S> {
     inner: S,
-    slots: Arc<Semaphore>,
+    limited: LoadShed<tower::limit::ConcurrencyLimit<S>>,
 }
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
@@ -450,8 +448,8 @@ where
     type Future = BoxFuture<Self::Response, Infallible>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is decided per call below, so that a health check never waits behind
-        // the limit.
+        // Readiness is decided per call below (a clone is driven to ready there), so that a
+        // health check never waits behind the limit.
         Poll::Ready(Ok(()))
     }
 
@@ -459,19 +457,19 @@ where
         if req.uri().path().starts_with(HEALTH_PREFIX) {
             return Box::pin(self.inner.clone().oneshot(req));
         }
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            metrics::counter!("hexveil_grpc_shed_total").increment(1);
-            return Box::pin(async { Ok(overloaded().into_http()) });
-        };
-        let fut = self.inner.clone().oneshot(req);
+        let limited = self.limited.clone();
         Box::pin(async move {
-            let res = fut.await?;
-            Ok(res.map(|inner| {
-                tonic::body::Body::new(Guarded {
-                    inner,
-                    _guard: permit,
-                })
-            }))
+            match limited.oneshot(req).await {
+                Ok(res) => Ok(res),
+                Err(e) => {
+                    if !e.is::<Overloaded>() {
+                        // The inner service is infallible and the limit only ever refuses.
+                        tracing::error!(error = %e, "unexpected error from the load shedder");
+                    }
+                    metrics::counter!("hexveil_grpc_shed_total").increment(1);
+                    Ok(overloaded().into_http())
+                }
+            }
         })
     }
 }

@@ -951,11 +951,11 @@ async fn every_http_response_carries_its_security_headers() {
     }
 }
 
-/// An open StreamPresence holds its slot of `server.max_in_flight` for as long as it is open
-/// (its handler returns at once): streams that are opened and never finished cannot pile up
-/// beyond the limit, and once they close the slots come back.
+/// Open StreamPresence calls are bounded by `server.max_in_flight` for as long as they are
+/// open (a stream's handler returns at once, so the per-call shed layer cannot see them):
+/// streams opened and never finished cannot pile up, and once they close the slots come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_streams_count_against_max_in_flight_until_they_close() {
+async fn open_streams_are_bounded_until_they_close() {
     use hexveil::api::pb::presence_service_client::PresenceServiceClient;
     const CAPACITY: usize = 4;
     let server = TestServer::start(
@@ -964,34 +964,23 @@ async fn open_streams_count_against_max_in_flight_until_they_close() {
     )
     .await;
     let ch = server.channel().await;
-    let mut held = Vec::new();
-    for _ in 0..CAPACITY {
-        // The sender is kept (and never closed): the stream stays open.
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1);
-        let reply = PresenceServiceClient::new(ch.clone())
-            .stream_presence(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("within capacity");
-        held.push((tx, reply));
-    }
-    let policy = || {
+    let open = || {
         let ch = ch.clone();
         async move {
-            transparency_client(ch)
-                .get_privacy_policy(pb::GetPrivacyPolicyRequest {})
+            // The sender is kept (never closed): the stream stays open.
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1);
+            PresenceServiceClient::new(ch)
+                .stream_presence(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
+                .map(|reply| (tx, reply))
         }
     };
-    let shed = policy()
-        .await
-        .expect_err("every slot is held by an open stream");
-    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
-    let (_, extra) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1);
-    let refused = PresenceServiceClient::new(ch.clone())
-        .stream_presence(tokio_stream::wrappers::ReceiverStream::new(extra))
-        .await
-        .expect_err("a fifth stream is shed too");
-    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let mut held = Vec::new();
+    for _ in 0..CAPACITY {
+        held.push(open().await.expect("within capacity"));
+    }
+    let refused = open().await.expect_err("one stream more than the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     let health = HealthClient::new(ch.clone())
         .check(HealthCheckRequest::default())
         .await;
@@ -999,12 +988,18 @@ async fn open_streams_count_against_max_in_flight_until_they_close() {
     // Closing the streams gives the slots back.
     drop(held);
     let started = Instant::now();
-    while policy().await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "slots not returned after the streams closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let again = loop {
+        match open().await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "slots not returned after the streams closed: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    drop(again);
     server.stop().await;
 }

@@ -1,6 +1,7 @@
 //! `hexveil.v1.PresenceService`: ReportPresence, StreamPresence and SendFeedback.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -31,6 +32,10 @@ pub struct PresenceApi {
     pseudonyms: Pseudonymizer,
     settings: LiveSettings,
     clock: SharedClock,
+    /// Open `StreamPresence` calls, at most `server.max_in_flight`: a stream's handler
+    /// returns at once (its work runs on a task), so the per-call shed layer does not see
+    /// it; each open stream holds one of these until it ends.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl PresenceApi {
@@ -40,11 +45,13 @@ impl PresenceApi {
         settings: LiveSettings,
         clock: SharedClock,
     ) -> Self {
+        let max_streams = settings.current().config.server.max_in_flight as usize;
         PresenceApi {
             presence,
             pseudonyms,
             settings,
             clock,
+            streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         }
     }
 
@@ -177,10 +184,18 @@ impl PresenceService for PresenceApi {
         &self,
         request: Request<Streaming<pb::ReportPresenceRequest>>,
     ) -> Result<Response<Self::StreamPresenceStream>, Status> {
+        let Ok(slot) = self.streams.clone().try_acquire_owned() else {
+            metrics::counter!("hexveil_grpc_shed_total").increment(1);
+            return Err(Status::resource_exhausted(
+                "too many open streams (server.max_in_flight); retry shortly",
+            ));
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let this = self.clone();
         tokio::spawn(async move {
+            // Held until the stream's work ends (client gone, or its last reply sent).
+            let _slot = slot;
             // Reports are decided in arrival order as they are read; their replies are
             // released in the same order, each once its writes are durable. Many reports
             // are in flight at once, so one stream shares group commits with itself.
