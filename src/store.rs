@@ -374,10 +374,15 @@ impl Store {
         }
     }
 
-    /// Distinct contribution counts per cell of one bucket.
-    pub async fn bucket_counts(&self, bucket: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
+    /// Distinct contribution counts per cell of one bucket, each device clipped to its
+    /// `max_cells_per_device` lowest cells (the bound the release's noise is calibrated for).
+    pub async fn bucket_counts(
+        &self,
+        bucket: Timestamp,
+        max_cells_per_device: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.bucket_counts(bucket).await,
+            Backend::Sqlite(s) => s.bucket_counts(bucket, max_cells_per_device).await,
         }
     }
 

@@ -284,7 +284,7 @@ impl Insights {
             .collect();
         let counts: HashMap<u64, u64> = self
             .store
-            .bucket_counts(bucket)
+            .bucket_counts(bucket, config.privacy.max_cells_per_bucket)
             .await?
             .into_iter()
             .collect();

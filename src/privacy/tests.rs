@@ -199,7 +199,7 @@ async fn releases_cover_the_domain_exactly_once_and_delete_raw_contributions() {
         .await
         .unwrap();
     assert_eq!(
-        r.store.bucket_counts(Timestamp(T0)).await.unwrap(),
+        r.store.bucket_counts(Timestamp(T0), 4).await.unwrap(),
         vec![(inside, 30)]
     );
     // Not due before bucket end + grace.
@@ -647,4 +647,51 @@ async fn laplace_offer_stats_noise_matches_the_mechanism() {
     let (samples, scale) = offer_noise_samples(MechanismKind::Laplace).await;
     assert_eq!(samples.len(), 100_000);
     check_distribution(&samples, Mechanism::DiscreteLaplace, scale);
+}
+
+/// Audit 9 F1: a reload that lowers `privacy.max_cells_per_bucket` while a bucket is pending
+/// must not release the contributions admitted under the old bound with noise calibrated
+/// for the new one: the release clips every device to the k in force (its lowest cells).
+#[tokio::test]
+async fn a_lowered_k_clips_the_pending_bucket_to_the_new_bound() {
+    let mut config = Config::default();
+    config.insights.radius_k = 10;
+    config.rate_limits.device_burst = 1000;
+    config.privacy.max_cells_per_bucket = 100;
+    config.privacy.max_contributions_per_day = 100;
+    let r = rig(config.clone(), false, &[(45.76, 4.84)]).await;
+    let d = device(1);
+    consent(&r, d, &[Purpose::FootTraffic]).await;
+    let centre = h3o::LatLng::new(45.76, 4.84)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let cells: Vec<_> = centre
+        .grid_disk::<Vec<_>>(6)
+        .into_iter()
+        .take(100)
+        .collect();
+    for c in &cells {
+        let report = Report {
+            device: d,
+            cell: *c,
+            observed_at: r.clock.now(),
+            utc_offset_minutes: 0,
+        };
+        r.presence.report(report).await.unwrap();
+    }
+    assert_eq!(r.store.load_contributions().await.unwrap().len(), 100);
+    // The operator lowers k to 1 before the bucket falls due.
+    config.privacy.max_cells_per_bucket = 1;
+    config.privacy.max_contributions_per_day = 4;
+    r.settings.replace(Settings::new(config).unwrap());
+    r.clock.advance(HOUR + Duration::from_secs(11 * 60));
+    assert_eq!(r.insights.release_due().await.unwrap().released, 1);
+    let counts = released(&r, Timestamp(T0)).await;
+    let moved: Vec<_> = counts.iter().filter(|(_, n)| *n != 0).collect();
+    let lowest = cells.iter().map(|c| u64::from(*c)).min().unwrap();
+    assert_eq!(
+        moved,
+        vec![&(lowest, 1)],
+        "one cell (the lowest), counted once"
+    );
 }

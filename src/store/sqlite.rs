@@ -345,19 +345,28 @@ impl SqliteStore {
     pub(crate) async fn bucket_counts(
         &self,
         bucket: Timestamp,
+        max_cells_per_device: u32,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        sqlx::query("SELECT cell, COUNT(*) AS n FROM contributions WHERE bucket = ? GROUP BY cell")
-            .bind(bucket.millis())
-            .fetch_all(&self.readers)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i64, _>("cell")? as u64,
-                    r.try_get::<i64, _>("n")? as u64,
-                ))
-            })
-            .collect()
+        // Each device counts in at most `max_cells_per_device` cells (its lowest), whatever
+        // bound admitted its rows: the noise is calibrated for this one.
+        sqlx::query(
+            "SELECT cell, COUNT(*) AS n FROM
+               (SELECT cell, ROW_NUMBER() OVER (PARTITION BY device ORDER BY cell) AS rank
+                FROM contributions WHERE bucket = ?)
+             WHERE rank <= ? GROUP BY cell",
+        )
+        .bind(bucket.millis())
+        .bind(i64::from(max_cells_per_device))
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64, _>("cell")? as u64,
+                r.try_get::<i64, _>("n")? as u64,
+            ))
+        })
+        .collect()
     }
 
     pub(crate) async fn unreleased_buckets(&self) -> Result<Vec<Timestamp>, StoreError> {
