@@ -346,6 +346,17 @@ impl Store {
         }
     }
 
+    /// Deliveries at or after `since` as (offer, cell, sent at), oldest first: what offer
+    /// budgets and the flood guard count (they carry no device, so erasure keeps them).
+    pub async fn load_deliveries(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<(OfferId, u64, Timestamp)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_deliveries(since).await,
+        }
+    }
+
     /// Every mute and back-off.
     pub async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
         match &*self.backend {
