@@ -226,6 +226,17 @@ impl Store {
         self.health.is_writable()
     }
 
+    /// Test seam: marks the store unable to write, as a failed commit does (the writer's
+    /// probe makes it writable again within about a second), or able again at once.
+    #[cfg(test)]
+    pub(crate) fn set_writable_for_test(&self, writable: bool) {
+        if writable {
+            self.health.recovered();
+        } else {
+            self.health.failed("test", "set by a test");
+        }
+    }
+
     /// A receiver that sees every change of [`Store::is_writable`]; drives `grpc.health.v1`.
     pub fn writable_changes(&self) -> watch::Receiver<bool> {
         self.health.subscribe()

@@ -7,8 +7,6 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::collections::BTreeSet;
-
 use harness::*;
 use hexveil::clock::{SharedClock, Timestamp};
 use hexveil::config::Config;
@@ -58,17 +56,6 @@ async fn report(app: &App, device: DeviceId, cell: h3o::CellIndex, at: i64) -> u
         .unwrap()
         .offers
         .len()
-}
-
-/// Bucket starts (minutes after `T0`) in the ledger.
-async fn ledger_minutes(app: &App) -> BTreeSet<i64> {
-    app.store
-        .ledger(Timestamp(T0 - DAY), Timestamp(T0 + 3 * DAY))
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| (e.bucket.millis() - T0) / MINUTE)
-        .collect()
 }
 
 /// An offer with a budget of 2 a day is delivered twice; the first person then calls
@@ -124,4 +111,122 @@ async fn forget_me_and_a_restart_never_refill_an_offers_daily_budget() {
     clock.set(Timestamp(T0 + DAY + MINUTE));
     grant(&app, visitor(4), &[Purpose::NearbyOffers]).await;
     assert_eq!(report(&app, visitor(4), here, T0 + DAY + MINUTE).await, 1);
+}
+
+/// Every released bucket starts where the previous one ended, from the first whole bucket
+/// after the merchant registered: no gap, no overlap (returns (start, length) in minutes
+/// after `T0`).
+async fn assert_contiguous(app: &App, first: i64) -> Vec<(i64, i64)> {
+    let ledger: Vec<(i64, i64)> = app
+        .store
+        .ledger(Timestamp(T0 - DAY), Timestamp(T0 + 3 * DAY))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| ((e.bucket.millis() - T0) / MINUTE, e.bucket_len_ms / MINUTE))
+        .collect();
+    let mut next = first;
+    for (start, len) in &ledger {
+        assert_eq!(*start, next, "a gap or an overlap at minute {start}");
+        next = start + len;
+    }
+    ledger
+}
+
+const CATCH_UP_RATE: &str =
+    "[rate_limits]\ndevice_reports_per_hour = 3600000\ndevice_burst = 10000\n";
+
+/// `insights.bucket` goes from 1 minute to 1 hour: first as a hot reload (which must change
+/// nothing), then with a restart. Minute buckets — occupied or empty alike — go on being
+/// released until the next UTC midnight, and hours from there: the released grid never
+/// depends on who was seen, and no report is dropped as "late" for a bucket still open.
+#[tokio::test]
+async fn a_bucket_length_change_applies_from_the_next_utc_midnight_without_a_gap() {
+    let minute = format!("{CATCH_UP_RATE}[insights]\nbucket = \"1m\"\ngrace = \"10m\"\n");
+    let hour = format!("{CATCH_UP_RATE}[insights]\nbucket = \"1h\"\ngrace = \"10m\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, shared) = manual_clock(T0);
+    let app = open_app(dir.path(), &minute, shared.clone()).await;
+    let home = cell_at(59.33, 18.07);
+    hexveil::merchants::add(&app.store, "A", vec![home.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    app.insights.refresh_domain().await.unwrap();
+    let device = DeviceId([6; 16]);
+    grant(&app, device, &[Purpose::FootTraffic]).await;
+    let contributions = async |app: &App| app.store.load_contributions().await.unwrap().len();
+    for m in 0..40 {
+        let now = T0 + m * MINUTE + 30_000;
+        clock.set(Timestamp(now));
+        if m == 30 {
+            app.settings.replace(settings(dir.path(), &hour));
+        }
+        if [22, 25, 35].contains(&m) {
+            let before = contributions(&app).await;
+            report(&app, device, home, now).await;
+            assert_eq!(contributions(&app).await, before + 1, "minute {m} counted");
+        }
+        app.insights.release_due().await.unwrap();
+    }
+    drop(app);
+    let app = open_app(dir.path(), &hour, shared).await;
+    let before = contributions(&app).await;
+    report(&app, device, home, T0 + 41 * MINUTE).await;
+    assert_eq!(
+        contributions(&app).await,
+        before + 1,
+        "counted after the restart"
+    );
+    // Release everything due by 03:30 the next day (the UTC midnight is T0 + 14 h).
+    clock.set(Timestamp(T0 + 17 * HOUR + 30 * MINUTE));
+    while app.insights.release_due().await.unwrap().released > 0 {}
+    let ledger = assert_contiguous(&app, 0).await;
+    let midnight = 14 * 60;
+    assert!(
+        ledger
+            .iter()
+            .all(|(s, len)| *len == if *s < midnight { 1 } else { 60 }),
+        "minutes until midnight, hours from there"
+    );
+    assert_eq!(ledger.last(), Some(&(midnight + 120, 60)));
+    assert!(
+        contributions(&app).await == 0,
+        "every contribution released"
+    );
+}
+
+/// A long outage with 1-minute buckets: the catch-up releases the grid in order, a bounded
+/// number per run, and never jumps past an empty bucket to an occupied one.
+#[tokio::test]
+async fn a_long_catch_up_releases_the_grid_in_order_without_a_gap() {
+    let cfg = "[insights]\nbucket = \"1m\"\ngrace = \"1d\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, shared) = manual_clock(T0);
+    let app = open_app(dir.path(), cfg, shared.clone()).await;
+    let home = cell_at(59.33, 18.07);
+    hexveil::merchants::add(&app.store, "A", vec![home.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    app.insights.refresh_domain().await.unwrap();
+    let device = DeviceId([5; 16]);
+    grant(&app, device, &[Purpose::FootTraffic]).await;
+    for m in [100, 1400] {
+        let now = T0 + m * MINUTE + 30_000;
+        clock.set(Timestamp(now));
+        report(&app, device, home, now).await;
+    }
+    drop(app);
+    clock.set(Timestamp(T0 + 1401 * MINUTE + DAY + 1000));
+    let app = open_app(dir.path(), cfg, shared).await;
+    let run = app.insights.release_due().await.unwrap();
+    assert_eq!(run.released, 1000, "bounded per run");
+    assert_eq!(assert_contiguous(&app, 0).await.len(), 1000);
+    while app.insights.release_due().await.unwrap().released > 0 {}
+    let ledger = assert_contiguous(&app, 0).await;
+    assert_eq!(
+        ledger.len(),
+        1401,
+        "minutes 0 to 1400 (all that is due), each once"
+    );
+    assert!(app.store.load_contributions().await.unwrap().is_empty());
 }

@@ -274,9 +274,25 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
     )
     .into_iter()
     .collect();
-    for n in 0..7 {
-        store_consent(&r.store, device(n), &[Purpose::FootTraffic], Timestamp(T0)).await;
-    }
+    // Each device counts in 4 neighbouring cells of the domain at most (the default k, which
+    // the release clips to): device 7·(i / 4) + n is one of cell i's i % 7 visitors.
+    let visitor = |i: usize, n: u32| device(7 * (i / 4) as u32 + n);
+    let consents: Vec<WriteOp> = (0..domain.len())
+        .step_by(4)
+        .flat_map(|i| (0..6).map(move |n| (i, n)))
+        .map(|(i, n)| WriteOp::PutConsent {
+            receipt: crate::model::ConsentReceipt {
+                receipt_id: uuid::Uuid::new_v4().to_string(),
+                device: visitor(i, n),
+                purposes: [Purpose::FootTraffic].into_iter().collect(),
+                granted_at: Timestamp(T0),
+                policy_version: "1".into(),
+                controller: "test".into(),
+            },
+            now: Timestamp(T0),
+        })
+        .collect();
+    r.store.write(WriteOp::Many(consents)).await.unwrap();
     let mut samples = Vec::new();
     for round in 0..rounds {
         let bucket = Timestamp(T0).plus(HOUR * round as u32);
@@ -286,7 +302,7 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
         for (i, cell) in domain.iter().enumerate() {
             for n in 0..(i % 7) as u32 {
                 ops.push(WriteOp::Contribute {
-                    device: device(n),
+                    device: visitor(i, n),
                     cell: *cell,
                     bucket,
                 });
@@ -693,5 +709,28 @@ async fn a_lowered_k_clips_the_pending_bucket_to_the_new_bound() {
         moved,
         vec![&(lowest, 1)],
         "one cell (the lowest), counted once"
+    );
+}
+
+/// Audit 9 F4(c): a release that fails (the store cannot write) must not move the
+/// watermark: the bucket — empty here — is released on the next run, so a failure never
+/// leaves a gap that would read as "nobody came".
+#[tokio::test]
+async fn a_failed_release_is_retried_and_leaves_no_gap() {
+    let r = rig(Config::default(), true, &[(45.76, 4.84)]).await;
+    r.clock.advance(HOUR + Duration::from_secs(11 * 60));
+    r.store.set_writable_for_test(false);
+    assert!(r.insights.release_due().await.is_err());
+    r.store.set_writable_for_test(true);
+    r.clock.advance(Duration::from_secs(9 * 60));
+    assert_eq!(r.insights.release_due().await.unwrap().released, 1);
+    let ledger = r
+        .store
+        .ledger(Timestamp(i64::MIN), Timestamp(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.iter().map(|e| e.bucket).collect::<Vec<_>>(),
+        vec![Timestamp(T0)]
     );
 }
