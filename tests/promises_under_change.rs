@@ -230,3 +230,70 @@ async fn a_long_catch_up_releases_the_grid_in_order_without_a_gap() {
     );
     assert!(app.store.load_contributions().await.unwrap().is_empty());
 }
+
+/// Two accepted configs, each within the promise: B (k = 4, 4 pairs a day, ρ 0.06 a bucket)
+/// and A (k = 4, 24 pairs a day, ρ 0.01 a bucket). A reload from B to A a minute into the
+/// day must not let one device spend B's day and then A's: the window's spend is counted in
+/// ρ at what each released pair cost, against the budget of the config in force.
+#[tokio::test]
+async fn a_mid_day_reload_never_composes_two_daily_budgets() {
+    use std::collections::BTreeMap;
+    const FAST: &str = "[insights]\nbucket = \"1m\"\ngrace = \"0s\"\n\
+        [rate_limits]\ndevice_reports_per_hour = 3600000\ndevice_burst = 10000\n";
+    let b_cfg = format!(
+        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 4\nrho_per_bucket = 0.06\n"
+    );
+    let a_cfg = format!(
+        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 24\nrho_per_bucket = 0.01\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, shared) = manual_clock(T0);
+    let app = open_app(dir.path(), &b_cfg, shared).await;
+    let hourly_budget = |s: &Settings| s.consequences.privacy.budget[0].rho;
+    let promised =
+        hourly_budget(&app.settings.current()).max(hourly_budget(&settings(dir.path(), &a_cfg)));
+    let home = cell_at(59.33, 18.07);
+    hexveil::merchants::add(&app.store, "A", vec![home.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    app.insights.refresh_domain().await.unwrap();
+    let cells: Vec<h3o::CellIndex> = home.grid_disk::<Vec<_>>(1).into_iter().take(4).collect();
+    let device = DeviceId([8; 16]);
+    grant(&app, device, &[Purpose::FootTraffic]).await;
+    // bucket -> pairs recorded, read before each release deletes them.
+    let mut recorded: BTreeMap<i64, u32> = BTreeMap::new();
+    for m in 0..10 {
+        let now = T0 + m * MINUTE + 30_000;
+        clock.set(Timestamp(now));
+        if m == 1 {
+            app.settings.replace(settings(dir.path(), &a_cfg));
+        }
+        for c in &cells {
+            report(&app, device, *c, now).await;
+        }
+        for (d, _, b) in app.store.load_contributions().await.unwrap() {
+            if d == device {
+                *recorded.entry(b.millis()).or_default() += 1;
+            }
+        }
+        clock.set(Timestamp(now + MINUTE / 2));
+        app.insights.release_due().await.unwrap();
+    }
+    let scale: BTreeMap<i64, f64> = app
+        .store
+        .ledger(Timestamp(T0 - DAY), Timestamp(T0 + DAY))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.bucket.millis(), e.scale))
+        .collect();
+    let rho: f64 = recorded
+        .iter()
+        .map(|(b, n)| f64::from(*n) / (2.0 * scale[b] * scale[b]))
+        .sum();
+    assert!(
+        rho <= promised * (1.0 + 1e-9),
+        "ρ {rho} spent in 10 minutes, the day's hourly budget is {promised}: {recorded:?}"
+    );
+    assert_eq!(recorded.values().sum::<u32>(), 4, "B's day, nothing more");
+}

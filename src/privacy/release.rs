@@ -5,7 +5,7 @@
 //! second nodes do; a crash before the commit leaves the bucket unreleased, to be released
 //! (with fresh noise — the lost draw was never seen) on the next run.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -98,6 +98,9 @@ pub struct Insights {
     domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
     /// The bucket grid in force (fixed at start, see [`Grid`]).
     grid: Arc<RwLock<Grid>>,
+    /// Per-pair cost of the buckets released in the last two days (bucket start → the
+    /// release's mechanism and noise scale), for the rolling budget at ingest.
+    released_cost: Arc<RwLock<BTreeMap<i64, (String, f64)>>>,
     noise: Noise,
 }
 
@@ -109,6 +112,25 @@ pub struct ReleaseRun {
     pub already: usize,
     /// Days of offer statistics released.
     pub offer_days: usize,
+}
+
+/// What one (cell, bucket) pair costs a device under `config` (ρ = 1/(2σ²) or ε = 1/b,
+/// from `privacy.rho_per_bucket` or `epsilon_per_bucket` spent on k pairs), and what any 24
+/// hours of them may cost: the hourly part of the budget, C pairs' worth.
+fn hourly_pair_cost(config: &Config) -> (f64, f64) {
+    let p = &config.privacy;
+    let k = f64::from(p.max_cells_per_bucket);
+    let per_pair = match p.mechanism {
+        MechanismKind::Gaussian => p.rho_per_bucket / k,
+        MechanismKind::Laplace => p.epsilon_per_bucket / k,
+    };
+    let buckets_per_day = u32::try_from(86_400 / config.insights.bucket.as_secs().max(1))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let c = p
+        .max_contributions_per_day
+        .min(p.max_cells_per_bucket.saturating_mul(buckets_per_day));
+    (per_pair, f64::from(c) * per_pair)
 }
 
 pub(crate) fn mechanism_of(kind: MechanismKind) -> Mechanism {
@@ -129,6 +151,7 @@ impl Insights {
             offer_stats_through: Arc::new(AtomicI64::new(i64::MIN)),
             domain: Arc::default(),
             grid: Arc::new(RwLock::new(Grid::fixed(len))),
+            released_cost: Arc::default(),
             noise: Noise::OpenDp,
         }
     }
@@ -167,6 +190,14 @@ impl Insights {
                     switch_at,
                 };
             }
+        }
+        let since = self.clock.now().millis() - 2 * contrib::WINDOW_MS;
+        for e in self
+            .store
+            .ledger(Timestamp(since), Timestamp(i64::MAX))
+            .await?
+        {
+            self.remember_cost(&e);
         }
         if let Some(last) = self.store.last_offer_stats_day().await? {
             self.offer_stats_through
@@ -228,6 +259,16 @@ impl Insights {
         }
         let held = state.contributions();
         contrib::prune(held, watermark);
+        // The rolling budget in privacy-loss units: a pair released under another config
+        // (a reload or restart mid-day) costs what its release's noise made it cost.
+        let (pair_cost, budget) = hourly_pair_cost(config);
+        let is_new = !held.iter().any(|(b, c)| *b == bucket && *c == icell);
+        if is_new
+            && !contrib::within_budget(held, bucket, |b| self.cost_of(b, config, pair_cost), budget)
+        {
+            count("bounded_day");
+            return None;
+        }
         match contrib::admit(
             held,
             bucket,
@@ -297,6 +338,31 @@ impl Insights {
         }
         run.offer_days = self.release_offer_stats_due().await?;
         Ok(run)
+    }
+
+    /// Per-pair cost of a held pair in `bucket`: its release's if released (infinite if
+    /// released under the other mechanism, whose units do not add up with today's), else
+    /// today's.
+    fn cost_of(&self, bucket: Timestamp, config: &Config, today: f64) -> f64 {
+        let costs = self.released_cost.read().unwrap_or_else(|p| p.into_inner());
+        match costs.get(&bucket.millis()) {
+            None => today,
+            Some((mechanism, scale)) => match (config.privacy.mechanism, mechanism.as_str()) {
+                (MechanismKind::Gaussian, "discrete_gaussian") => 1.0 / (2.0 * scale * scale),
+                (MechanismKind::Laplace, "discrete_laplace") => 1.0 / scale,
+                _ => f64::INFINITY,
+            },
+        }
+    }
+
+    fn remember_cost(&self, e: &LedgerEntry) {
+        let mut costs = self
+            .released_cost
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        costs.insert(e.bucket.millis(), (e.mechanism.clone(), e.scale));
+        let keep_from = e.bucket.millis() - 2 * contrib::WINDOW_MS;
+        *costs = costs.split_off(&keep_from);
     }
 
     fn grid(&self) -> Grid {
@@ -401,10 +467,21 @@ impl Insights {
         let done = self
             .store
             .write_count(WriteOp::Release {
-                entry,
+                entry: entry.clone(),
                 counts: released,
             })
             .await?;
+        if done == 1 {
+            self.remember_cost(&entry);
+        } else if let Some(theirs) = self
+            .store
+            .ledger(bucket, Timestamp(bucket.millis() + 1))
+            .await?
+            .first()
+        {
+            // Released by another node, with its noise.
+            self.remember_cost(theirs);
+        }
         metrics::histogram!("hexveil_release_seconds").record(started.elapsed().as_secs_f64());
         // Only now, committed (here or by another node), is the bucket closed to ingest: a
         // failed release leaves the watermark where it was, so the bucket is retried and no
