@@ -832,6 +832,26 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be 1s-1h"));
             }
         }
+        // Operator metrics on the merchant-facing port (or the gRPC one) would be served to
+        // whoever reaches it, or fail to bind at start; port 0 (any free port) never clashes.
+        let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        for (other, name) in [
+            (s.http_listen, "server.http_listen"),
+            (s.grpc_listen, "server.grpc_listen"),
+        ] {
+            if clash(s.metrics_listen, other) {
+                return Err(ConfigError::invalid(
+                    "server.metrics_listen",
+                    format!("must differ from {name} ({other})"),
+                ));
+            }
+        }
+        if clash(s.http_listen, s.grpc_listen) {
+            return Err(ConfigError::invalid(
+                "server.http_listen",
+                format!("must differ from server.grpc_listen ({})", s.grpc_listen),
+            ));
+        }
         Ok(())
     }
 }

@@ -535,10 +535,10 @@ impl Offers {
             } else {
                 let since = self.clock.now().minus(crate::caps::DAY);
                 self.store
-                    .load_notifications(since)
+                    .load_deliveries(since)
                     .await?
                     .into_iter()
-                    .map(|n| (n.offer_id, n.sent_at))
+                    .map(|(offer, _, at)| (offer, at))
                     .collect()
             };
         self.index.replace_all(offers, &sent, generation);

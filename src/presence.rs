@@ -358,10 +358,10 @@ impl Presence {
         Ok(chosen)
     }
 
-    /// Restores the per-cell flood counters from notifications of the current minute.
-    pub fn load_flood(&self, notifications: &[Notification]) {
-        for n in notifications {
-            self.flood.restore(n.cell, n.sent_at);
+    /// Restores the per-cell flood counters from the deliveries (cell, sent at) of the last minute.
+    pub fn load_flood(&self, deliveries: &[(u64, Timestamp)]) {
+        for (cell, at) in deliveries {
+            self.flood.restore(*cell, *at);
         }
     }
 

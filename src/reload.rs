@@ -17,9 +17,11 @@ use crate::settings::{LiveSettings, Settings};
 /// File name of the audit log inside the data dir.
 pub const AUDIT_LOG_FILE: &str = "config-audit.jsonl";
 
-/// Sections read once at start (every `server.*` and `store.*` key); a reload keeps their
-/// running values and says so.
-pub const RESTART_ONLY_SECTIONS: [&str; 2] = ["server.", "store."];
+/// Keys read once at start (every `server.*` and `store.*` key, and `insights.bucket`); a
+/// reload keeps their running values and says so. The bucket length is fixed at start
+/// because the released grid must not depend on who was seen: a new length takes effect
+/// from the first UTC midnight after the restart (`privacy::release`), never mid-grid.
+pub const RESTART_ONLY_SECTIONS: [&str; 3] = ["server.", "store.", "insights.bucket"];
 
 /// Where the config comes from: an optional file plus command-line overrides (env is read
 /// at each load, so an env change applies at the next reload too).
@@ -111,6 +113,15 @@ impl Reloader {
                     .collect();
                 new.config.server = old.config.server.clone();
                 new.config.store = old.config.store.clone();
+                if new.config.insights.bucket != old.config.insights.bucket {
+                    // The consequences depend on the bucket length: validate what will run.
+                    let mut config = new.config.clone();
+                    config.insights.bucket = old.config.insights.bucket;
+                    new = match Settings::new(config) {
+                        Ok(s) => s,
+                        Err(e) => return Err(self.refused(trigger, e)),
+                    };
+                }
                 for key in &kept {
                     tracing::warn!(%key, "config key changed but applies only after a restart");
                 }
@@ -131,19 +142,21 @@ impl Reloader {
                 }));
                 Ok(true)
             }
-            Err(e) => {
-                metrics::counter!("hexveil_config_reloads_total", "result" => "refused")
-                    .increment(1);
-                tracing::error!(trigger, key = e.key(), error = %e, "config refused; the previous config stays in force");
-                self.audit(serde_json::json!({
-                    "result": "refused",
-                    "trigger": trigger,
-                    "key": e.key(),
-                    "error": e.to_string(),
-                }));
-                Err(e)
-            }
+            Err(e) => Err(self.refused(trigger, e)),
         }
+    }
+
+    /// Records a refused config (the old one stays in force) and hands the error back.
+    fn refused(&self, trigger: &str, e: ConfigError) -> ConfigError {
+        metrics::counter!("hexveil_config_reloads_total", "result" => "refused").increment(1);
+        tracing::error!(trigger, key = e.key(), error = %e, "config refused; the previous config stays in force");
+        self.audit(serde_json::json!({
+            "result": "refused",
+            "trigger": trigger,
+            "key": e.key(),
+            "error": e.to_string(),
+        }));
+        e
     }
 
     fn audit(&self, mut entry: serde_json::Value) {
@@ -233,5 +246,49 @@ impl Reloader {
                 () = &mut shutdown => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, Timestamp};
+
+    /// Audit 9 F4/F7: a hot reload of `insights.bucket` (1 h → 1 min or back) must not change
+    /// the running grid; it waits for a restart (and then for the next UTC midnight), says so
+    /// in the audit log, and the rest of the file applies at once.
+    #[test]
+    fn a_reload_keeps_the_bucket_length_and_says_it_waits_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hexveil.toml");
+        std::fs::write(&path, "[insights]\nbucket = \"1h\"\n").unwrap();
+        let source = ConfigSource {
+            path: Some(path.clone()),
+            flags: Vec::new(),
+        };
+        let live = LiveSettings::new(source.load().unwrap());
+        let clock: SharedClock = std::sync::Arc::new(ManualClock::new(Timestamp(0)));
+        let reloader = Reloader::new(source, live.clone(), clock, dir.path());
+        std::fs::write(
+            &path,
+            "[insights]\nbucket = \"1m\"\n[caps]\nper_device_per_day = 2\n",
+        )
+        .unwrap();
+        assert!(reloader.reload("test").unwrap());
+        let now = live.current();
+        assert_eq!(now.config.insights.bucket.as_secs(), 3600);
+        assert_eq!(now.config.caps.per_device_per_day, 2);
+        let expected = Settings::new(now.config.clone()).unwrap();
+        assert_eq!(
+            now.consequences.privacy.epsilon_per_device_per_day,
+            expected.consequences.privacy.epsilon_per_device_per_day,
+            "the consequences are those of what runs"
+        );
+        let audit = std::fs::read_to_string(dir.path().join(AUDIT_LOG_FILE)).unwrap();
+        let entry: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            entry["restart_needed_for"],
+            serde_json::json!(["insights.bucket"])
+        );
     }
 }

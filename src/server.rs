@@ -92,12 +92,15 @@ impl App {
         // Rebuild in-memory state so caps hold across restarts.
         let started = std::time::Instant::now();
         let notifications = store.load_notifications(crate::clock::Timestamp(0)).await?;
+        // The flood guard (like offer budgets, in `offers.refresh`) counts deliveries, which
+        // erasure keeps: a ForgetMe before a restart gives nothing back.
         let minute_ago = clock.now().minus(Duration::from_secs(60));
         presence.load_flood(
-            &notifications
-                .iter()
-                .filter(|n| n.sent_at > minute_ago)
-                .cloned()
+            &store
+                .load_deliveries(minute_ago)
+                .await?
+                .into_iter()
+                .map(|(_, cell, at)| (cell, at))
                 .collect::<Vec<_>>(),
         );
         devices.load(

@@ -355,9 +355,11 @@ impl Simulation {
             while next_end <= t {
                 // The bucket that just ended is final: read its true counts before release.
                 let bucket = next_end - len;
+                // The truth the release is held to: each device at most k cells per bucket.
+                let k = app.settings.current().config.privacy.max_cells_per_bucket;
                 for (cell, n) in app
                     .store
-                    .bucket_counts(Timestamp(bucket))
+                    .bucket_counts(Timestamp(bucket), k)
                     .await
                     .map_err(pipeline)?
                 {

@@ -228,6 +228,17 @@ impl Store {
         self.health.is_writable()
     }
 
+    /// Test seam: marks the store unable to write, as a failed commit does (the writer's
+    /// probe makes it writable again within about a second), or able again at once.
+    #[cfg(test)]
+    pub(crate) fn set_writable_for_test(&self, writable: bool) {
+        if writable {
+            self.health.recovered();
+        } else {
+            self.health.failed("test", "set by a test");
+        }
+    }
+
     /// A receiver that sees every change of [`Store::is_writable`]; drives `grpc.health.v1`.
     pub fn writable_changes(&self) -> watch::Receiver<bool> {
         self.health.subscribe()
@@ -361,6 +372,17 @@ impl Store {
         }
     }
 
+    /// Deliveries at or after `since` as (offer, cell, sent at), oldest first: what offer
+    /// budgets and the flood guard count (they carry no device, so erasure keeps them).
+    pub async fn load_deliveries(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<(OfferId, u64, Timestamp)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_deliveries(since).await,
+        }
+    }
+
     /// Every mute and back-off.
     pub async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
         match &*self.backend {
@@ -389,10 +411,15 @@ impl Store {
         }
     }
 
-    /// Distinct contribution counts per cell of one bucket.
-    pub async fn bucket_counts(&self, bucket: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
+    /// Distinct contribution counts per cell of one bucket, each device clipped to its
+    /// `max_cells_per_device` lowest cells (the bound the release's noise is calibrated for).
+    pub async fn bucket_counts(
+        &self,
+        bucket: Timestamp,
+        max_cells_per_device: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.bucket_counts(bucket).await,
+            Backend::Sqlite(s) => s.bucket_counts(bucket, max_cells_per_device).await,
         }
     }
 

@@ -84,7 +84,7 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         .await
         .unwrap();
     assert_eq!(
-        store.bucket_counts(Timestamp(T0)).await.unwrap(),
+        store.bucket_counts(Timestamp(T0), 4).await.unwrap(),
         vec![(u64::from(here), 25)]
     );
     let mine = transparency_client(ch.clone())

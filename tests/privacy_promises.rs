@@ -176,8 +176,19 @@ async fn a_new_merchant_gets_its_first_whole_bucket_released_with_nobody_seen() 
     .unwrap();
     // The partial bucket it registered in is not its own; the next one is.
     clock.set(Timestamp(T0 + 2 * 3_600_000 + 11 * MINUTE));
-    let run = server.app.insights.release_due().await.unwrap();
-    assert_eq!(run.released, 1, "{run:?}");
+    // The server's own release job (every 5 s of real time) may get there first, on a busy
+    // machine: what counts is the ledger, not which caller released it.
+    server.app.insights.release_due().await.unwrap();
+    let ledger = server
+        .app
+        .store
+        .ledger(Timestamp(0), Timestamp(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.iter().map(|e| e.bucket).collect::<Vec<_>>(),
+        vec![Timestamp(T0 + 3_600_000)]
+    );
     let config = server.app.settings.current().config.clone();
     let area: Vec<u64> = hexveil::privacy::domain::merchant_area(&m, &config)
         .into_iter()

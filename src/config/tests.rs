@@ -79,6 +79,22 @@ fn bad_values_and_unknown_keys_name_the_key() {
             "rate_limits.device_burst",
         ),
         ("[insights]\nbucket = \"7m\"", "insights.bucket"),
+        (
+            "[server]\nmetrics_listen = \"127.0.0.1:8080\"",
+            "server.metrics_listen",
+        ),
+        (
+            "[server]\ngrpc_listen = \"127.0.0.1:7000\"\nmetrics_listen = \"127.0.0.1:7000\"",
+            "server.metrics_listen",
+        ),
+        (
+            "[server]\nhttp_listen = \"127.0.0.1:50051\"",
+            "server.http_listen",
+        ),
+        (
+            "[server]\nhttp_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"",
+            "",
+        ),
         ("[insights]\nresolution = 9", "insights.resolution"),
         ("[insights]\nscope = \"everyone\"", "insights.scope"),
         ("[privacy]\nmechanism = \"laplace\"", ""),

@@ -69,6 +69,34 @@ fn max_in_window_with(held: &[(Timestamp, u64)], bucket: Timestamp) -> u32 {
         .unwrap_or(1)
 }
 
+/// Whether adding one pair in `bucket` (costing `cost(bucket)`) keeps every 24-hour window
+/// holding it within `budget`, where each held pair costs `cost(its bucket)`: the privacy
+/// loss of a pair is fixed by the noise of its bucket's release (the ledger's, once
+/// released), so pairs admitted under another config are counted at what they cost, not
+/// at what a pair costs today. Costs are zCDP ρ (Gaussian) or ε (Laplace).
+pub fn within_budget(
+    held: &[(Timestamp, u64)],
+    bucket: Timestamp,
+    cost: impl Fn(Timestamp) -> f64,
+    budget: f64,
+) -> bool {
+    let b = bucket.millis();
+    let own = cost(bucket);
+    held.iter()
+        .map(|(h, _)| h.millis())
+        .chain(std::iter::once(b))
+        .filter(|s| *s > b - WINDOW_MS && *s <= b)
+        .all(|s| {
+            let spent: f64 = held
+                .iter()
+                .filter(|(h, _)| h.millis() >= s && h.millis() < s + WINDOW_MS)
+                .map(|(h, _)| cost(*h))
+                .sum();
+            // A relative tolerance: the budget is itself a sum of the same per-pair costs.
+            spent + own <= budget * (1.0 + 1e-9)
+        })
+}
+
 /// Drops what no future admission can see (pairs more than a window before the oldest
 /// bucket that can still be contributed to) and forgets the cells of released buckets.
 pub fn prune(held: &mut Vec<(Timestamp, u64)>, released_through: i64) {
@@ -146,6 +174,20 @@ mod tests {
             1,
             "only the pair still inside a reachable window stays"
         );
+    }
+
+    #[test]
+    fn the_budget_counts_each_pair_at_its_own_cost() {
+        // Two pairs released at 0.015 each (an expensive config), today's pairs cost 0.0025
+        // and the window's budget is 0.06: 12 more fit, not 22.
+        let mut held = vec![(Timestamp(0), FORGOTTEN), (Timestamp(0), FORGOTTEN)];
+        let cost = |b: Timestamp| if b.millis() == 0 { 0.015 } else { 0.0025 };
+        for i in 0..12 {
+            assert!(within_budget(&held, Timestamp(HOUR), cost, 0.06), "{i}");
+            held.push((Timestamp(HOUR), i));
+        }
+        assert!(!within_budget(&held, Timestamp(HOUR), cost, 0.06));
+        assert!(within_budget(&held, Timestamp(WINDOW_MS), cost, 0.06));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! second nodes do; a crash before the commit leaves the bucket unreleased, to be released
 //! (with fresh noise — the lost draw was never seen) on the next run.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -25,6 +25,40 @@ use super::offer_stats;
 
 /// Buckets released per run at most (a long outage catches up over several runs).
 const MAX_BUCKETS_PER_RUN: usize = 1000;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The bucket grid in force. Which buckets are released must never depend on who was seen,
+/// so the job walks this grid in order, and `insights.bucket` changes it only at a UTC
+/// midnight: the length is read once, at start (a reload keeps the running value); if it
+/// differs from the length of the last released bucket, the old grid runs on until the first
+/// UTC midnight after start and the new one applies from there. Every length divides a day,
+/// so the two grids meet at midnight without a gap or an overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Grid {
+    len: i64,
+    next_len: i64,
+    switch_at: i64,
+}
+
+impl Grid {
+    fn fixed(len: i64) -> Self {
+        Grid {
+            len,
+            next_len: len,
+            switch_at: i64::MAX,
+        }
+    }
+
+    /// Length of the bucket holding (or starting at) `t`.
+    fn len_at(&self, t: i64) -> i64 {
+        if t >= self.switch_at {
+            self.next_len
+        } else {
+            self.len
+        }
+    }
+}
 
 /// Where noise comes from. Production always uses opendp; unit tests of contribution
 /// bounding may disable it to see exact counts (the variant does not exist outside tests).
@@ -62,6 +96,11 @@ pub struct Insights {
     offer_stats_through: Arc<AtomicI64>,
     /// The current domain, for ingest (releases recompute theirs for the bucket's start).
     domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
+    /// The bucket grid in force (fixed at start, see [`Grid`]).
+    grid: Arc<RwLock<Grid>>,
+    /// Per-pair cost of the buckets released in the last two days (bucket start → the
+    /// release's mechanism and noise scale), for the rolling budget at ingest.
+    released_cost: Arc<RwLock<BTreeMap<i64, (String, f64)>>>,
     noise: Noise,
 }
 
@@ -75,6 +114,25 @@ pub struct ReleaseRun {
     pub offer_days: usize,
 }
 
+/// What one (cell, bucket) pair costs a device under `config` (ρ = 1/(2σ²) or ε = 1/b,
+/// from `privacy.rho_per_bucket` or `epsilon_per_bucket` spent on k pairs), and what any 24
+/// hours of them may cost: the hourly part of the budget, C pairs' worth.
+fn hourly_pair_cost(config: &Config) -> (f64, f64) {
+    let p = &config.privacy;
+    let k = f64::from(p.max_cells_per_bucket);
+    let per_pair = match p.mechanism {
+        MechanismKind::Gaussian => p.rho_per_bucket / k,
+        MechanismKind::Laplace => p.epsilon_per_bucket / k,
+    };
+    let buckets_per_day = u32::try_from(86_400 / config.insights.bucket.as_secs().max(1))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let c = p
+        .max_contributions_per_day
+        .min(p.max_cells_per_bucket.saturating_mul(buckets_per_day));
+    (per_pair, f64::from(c) * per_pair)
+}
+
 pub(crate) fn mechanism_of(kind: MechanismKind) -> Mechanism {
     match kind {
         MechanismKind::Gaussian => Mechanism::DiscreteGaussian,
@@ -84,6 +142,7 @@ pub(crate) fn mechanism_of(kind: MechanismKind) -> Mechanism {
 
 impl Insights {
     pub fn new(store: Store, clock: SharedClock, settings: LiveSettings) -> Self {
+        let len = duration_millis(settings.current().config.insights.bucket.get());
         Insights {
             store,
             clock,
@@ -91,6 +150,8 @@ impl Insights {
             released_through: Arc::new(AtomicI64::new(i64::MIN)),
             offer_stats_through: Arc::new(AtomicI64::new(i64::MIN)),
             domain: Arc::default(),
+            grid: Arc::new(RwLock::new(Grid::fixed(len))),
+            released_cost: Arc::default(),
             noise: Noise::OpenDp,
         }
     }
@@ -101,11 +162,42 @@ impl Insights {
         self
     }
 
-    /// Loads the watermark from the ledger and the domain from the merchants.
+    /// Loads the watermark and the bucket grid from the ledger and the domain from the
+    /// merchants.
     pub async fn load(&self) -> Result<(), StoreError> {
         if let Some(last) = self.store.last_release().await? {
             self.released_through
                 .fetch_max(last.millis(), Ordering::SeqCst);
+            let len = duration_millis(self.settings.current().config.insights.bucket.get());
+            let released_len = self
+                .store
+                .ledger(last, Timestamp(last.millis() + 1))
+                .await?
+                .first()
+                .map_or(len, |e| e.bucket_len_ms);
+            if released_len != len {
+                let now = self.clock.now().millis();
+                let switch_at = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+                tracing::warn!(
+                    from_ms = released_len,
+                    to_ms = len,
+                    switch_at,
+                    "insights.bucket changed: the old bucket length applies until the next UTC midnight"
+                );
+                *self.grid.write().unwrap_or_else(|p| p.into_inner()) = Grid {
+                    len: released_len,
+                    next_len: len,
+                    switch_at,
+                };
+            }
+        }
+        let since = self.clock.now().millis() - 2 * contrib::WINDOW_MS;
+        for e in self
+            .store
+            .ledger(Timestamp(since), Timestamp(i64::MAX))
+            .await?
+        {
+            self.remember_cost(&e);
         }
         if let Some(last) = self.store.last_offer_stats_day().await? {
             self.offer_stats_through
@@ -157,7 +249,7 @@ impl Insights {
             count("outside_domain");
             return None;
         }
-        let len = duration_millis(ins.bucket.get());
+        let len = self.grid().len_at(observed_at.millis());
         let bucket = contrib::bucket_of(observed_at, len);
         let due = bucket.millis() + len + duration_millis(ins.grace.get());
         let watermark = self.released_through.load(Ordering::SeqCst);
@@ -167,6 +259,16 @@ impl Insights {
         }
         let held = state.contributions();
         contrib::prune(held, watermark);
+        // The rolling budget in privacy-loss units: a pair released under another config
+        // (a reload or restart mid-day) costs what its release's noise made it cost.
+        let (pair_cost, budget) = hourly_pair_cost(config);
+        let is_new = !held.iter().any(|(b, c)| *b == bucket && *c == icell);
+        if is_new
+            && !contrib::within_budget(held, bucket, |b| self.cost_of(b, config, pair_cost), budget)
+        {
+            count("bounded_day");
+            return None;
+        }
         match contrib::admit(
             held,
             bucket,
@@ -197,21 +299,13 @@ impl Insights {
     /// Releases every due bucket; returns how many were released (and found done already).
     pub async fn release_due(&self) -> Result<ReleaseRun, InsightsError> {
         let settings = self.settings.current();
-        let ins = &settings.config.insights;
-        let len = duration_millis(ins.bucket.get());
+        let grace = duration_millis(settings.config.insights.grace.get());
+        let grid = self.grid();
         let now = self.clock.now().millis();
-        let latest_due = (now - duration_millis(ins.grace.get()) - len).div_euclid(len) * len;
-        let mut buckets: BTreeSet<i64> = self
-            .store
-            .unreleased_buckets()
-            .await?
-            .into_iter()
-            .map(Timestamp::millis)
-            .filter(|b| *b <= latest_due)
-            .collect();
-        // Every bucket from the first whole one after the first merchant registered is
-        // released, empty ones included, whether or not anyone was ever counted: neither the
-        // start of releases nor a missing one may say "somebody came" or "nobody was there".
+        // Exactly the grid, in order, from the first whole bucket after the first merchant
+        // registered, empty ones included, whether or not anyone was ever counted: never a
+        // bucket because it has rows, so neither the start of releases, nor a missing
+        // bucket, nor the order of a catch-up may say "somebody came" or "nobody was there".
         let watermark = self.released_through.load(Ordering::SeqCst);
         let first = if watermark == i64::MIN {
             self.store
@@ -220,26 +314,59 @@ impl Insights {
                 .iter()
                 .map(|m| m.created_at.millis())
                 .min()
-                .map(|t| t.div_euclid(len) * len + if t.rem_euclid(len) == 0 { 0 } else { len })
+                .map(|t| {
+                    let len = grid.len_at(t);
+                    t.div_euclid(len) * len + if t.rem_euclid(len) == 0 { 0 } else { len }
+                })
         } else {
-            Some((watermark.div_euclid(len) + 1) * len)
+            Some(watermark + grid.len_at(watermark))
         };
-        if let Some(mut b) = first {
-            while b <= latest_due && buckets.len() < MAX_BUCKETS_PER_RUN {
-                buckets.insert(b);
-                b += len;
-            }
-        }
         let mut run = ReleaseRun::default();
-        for b in buckets.into_iter().take(MAX_BUCKETS_PER_RUN) {
-            if self.release(Timestamp(b)).await? {
-                run.released += 1;
-            } else {
-                run.already += 1;
+        if let Some(mut b) = first {
+            while b + grid.len_at(b) + grace <= now
+                && run.released + run.already < MAX_BUCKETS_PER_RUN
+            {
+                // A failure stops the run here; the watermark has not moved, so the next
+                // run starts again from this very bucket.
+                if self.release(Timestamp(b)).await? {
+                    run.released += 1;
+                } else {
+                    run.already += 1;
+                }
+                b += grid.len_at(b);
             }
         }
         run.offer_days = self.release_offer_stats_due().await?;
         Ok(run)
+    }
+
+    /// Per-pair cost of a held pair in `bucket`: its release's if released (infinite if
+    /// released under the other mechanism, whose units do not add up with today's), else
+    /// today's.
+    fn cost_of(&self, bucket: Timestamp, config: &Config, today: f64) -> f64 {
+        let costs = self.released_cost.read().unwrap_or_else(|p| p.into_inner());
+        match costs.get(&bucket.millis()) {
+            None => today,
+            Some((mechanism, scale)) => match (config.privacy.mechanism, mechanism.as_str()) {
+                (MechanismKind::Gaussian, "discrete_gaussian") => 1.0 / (2.0 * scale * scale),
+                (MechanismKind::Laplace, "discrete_laplace") => 1.0 / scale,
+                _ => f64::INFINITY,
+            },
+        }
+    }
+
+    fn remember_cost(&self, e: &LedgerEntry) {
+        let mut costs = self
+            .released_cost
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        costs.insert(e.bucket.millis(), (e.mechanism.clone(), e.scale));
+        let keep_from = e.bucket.millis() - 2 * contrib::WINDOW_MS;
+        *costs = costs.split_off(&keep_from);
+    }
+
+    fn grid(&self) -> Grid {
+        *self.grid.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Releases every due day of offer statistics; returns how many were released now.
@@ -275,16 +402,13 @@ impl Insights {
     pub async fn release(&self, bucket: Timestamp) -> Result<bool, InsightsError> {
         let settings = self.settings.current();
         let config = &settings.config;
-        // From now on no new contribution to this bucket is accepted.
-        self.released_through
-            .fetch_max(bucket.millis(), Ordering::SeqCst);
         let merchants = self.store.merchants().await?;
         let cells: Vec<u64> = domain::domain(&merchants, config, bucket)
             .into_iter()
             .collect();
         let counts: HashMap<u64, u64> = self
             .store
-            .bucket_counts(bucket)
+            .bucket_counts(bucket, config.privacy.max_cells_per_bucket)
             .await?
             .into_iter()
             .collect();
@@ -329,7 +453,7 @@ impl Insights {
         };
         let entry = LedgerEntry {
             bucket,
-            bucket_len_ms: duration_millis(config.insights.bucket.get()),
+            bucket_len_ms: self.grid().len_at(bucket.millis()),
             released_at: self.clock.now(),
             mechanism: dp.mechanism.to_string(),
             scale,
@@ -343,11 +467,28 @@ impl Insights {
         let done = self
             .store
             .write_count(WriteOp::Release {
-                entry,
+                entry: entry.clone(),
                 counts: released,
             })
             .await?;
+        if done == 1 {
+            self.remember_cost(&entry);
+        } else if let Some(theirs) = self
+            .store
+            .ledger(bucket, Timestamp(bucket.millis() + 1))
+            .await?
+            .first()
+        {
+            // Released by another node, with its noise.
+            self.remember_cost(theirs);
+        }
         metrics::histogram!("hexveil_release_seconds").record(started.elapsed().as_secs_f64());
+        // Only now, committed (here or by another node), is the bucket closed to ingest: a
+        // failed release leaves the watermark where it was, so the bucket is retried and no
+        // gap is left. (Ingest refuses a due bucket by time anyway; a report that slips in
+        // between the count and the commit is deleted uncounted — less data, never more.)
+        self.released_through
+            .fetch_max(bucket.millis(), Ordering::SeqCst);
         if done == 1 {
             metrics::counter!("hexveil_releases_total").increment(1);
             tracing::info!(

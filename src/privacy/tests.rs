@@ -199,7 +199,7 @@ async fn releases_cover_the_domain_exactly_once_and_delete_raw_contributions() {
         .await
         .unwrap();
     assert_eq!(
-        r.store.bucket_counts(Timestamp(T0)).await.unwrap(),
+        r.store.bucket_counts(Timestamp(T0), 4).await.unwrap(),
         vec![(inside, 30)]
     );
     // Not due before bucket end + grace.
@@ -274,9 +274,25 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
     )
     .into_iter()
     .collect();
-    for n in 0..7 {
-        store_consent(&r.store, device(n), &[Purpose::FootTraffic], Timestamp(T0)).await;
-    }
+    // Each device counts in 4 neighbouring cells of the domain at most (the default k, which
+    // the release clips to): device 7·(i / 4) + n is one of cell i's i % 7 visitors.
+    let visitor = |i: usize, n: u32| device(7 * (i / 4) as u32 + n);
+    let consents: Vec<WriteOp> = (0..domain.len())
+        .step_by(4)
+        .flat_map(|i| (0..6).map(move |n| (i, n)))
+        .map(|(i, n)| WriteOp::PutConsent {
+            receipt: crate::model::ConsentReceipt {
+                receipt_id: uuid::Uuid::new_v4().to_string(),
+                device: visitor(i, n),
+                purposes: [Purpose::FootTraffic].into_iter().collect(),
+                granted_at: Timestamp(T0),
+                policy_version: "1".into(),
+                controller: "test".into(),
+            },
+            now: Timestamp(T0),
+        })
+        .collect();
+    r.store.write(WriteOp::Many(consents)).await.unwrap();
     let mut samples = Vec::new();
     for round in 0..rounds {
         let bucket = Timestamp(T0).plus(HOUR * round as u32);
@@ -286,7 +302,7 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
         for (i, cell) in domain.iter().enumerate() {
             for n in 0..(i % 7) as u32 {
                 ops.push(WriteOp::Contribute {
-                    device: device(n),
+                    device: visitor(i, n),
                     cell: *cell,
                     bucket,
                 });
@@ -647,4 +663,74 @@ async fn laplace_offer_stats_noise_matches_the_mechanism() {
     let (samples, scale) = offer_noise_samples(MechanismKind::Laplace).await;
     assert_eq!(samples.len(), 100_000);
     check_distribution(&samples, Mechanism::DiscreteLaplace, scale);
+}
+
+/// Audit 9 F1: a reload that lowers `privacy.max_cells_per_bucket` while a bucket is pending
+/// must not release the contributions admitted under the old bound with noise calibrated
+/// for the new one: the release clips every device to the k in force (its lowest cells).
+#[tokio::test]
+async fn a_lowered_k_clips_the_pending_bucket_to_the_new_bound() {
+    let mut config = Config::default();
+    config.insights.radius_k = 10;
+    config.rate_limits.device_burst = 1000;
+    config.privacy.max_cells_per_bucket = 100;
+    config.privacy.max_contributions_per_day = 100;
+    let r = rig(config.clone(), false, &[(45.76, 4.84)]).await;
+    let d = device(1);
+    consent(&r, d, &[Purpose::FootTraffic]).await;
+    let centre = h3o::LatLng::new(45.76, 4.84)
+        .unwrap()
+        .to_cell(h3o::Resolution::Eight);
+    let cells: Vec<_> = centre
+        .grid_disk::<Vec<_>>(6)
+        .into_iter()
+        .take(100)
+        .collect();
+    for c in &cells {
+        let report = Report {
+            device: d,
+            cell: *c,
+            observed_at: r.clock.now(),
+            utc_offset_minutes: 0,
+        };
+        r.presence.report(report).await.unwrap();
+    }
+    assert_eq!(r.store.load_contributions().await.unwrap().len(), 100);
+    // The operator lowers k to 1 before the bucket falls due.
+    config.privacy.max_cells_per_bucket = 1;
+    config.privacy.max_contributions_per_day = 4;
+    r.settings.replace(Settings::new(config).unwrap());
+    r.clock.advance(HOUR + Duration::from_secs(11 * 60));
+    assert_eq!(r.insights.release_due().await.unwrap().released, 1);
+    let counts = released(&r, Timestamp(T0)).await;
+    let moved: Vec<_> = counts.iter().filter(|(_, n)| *n != 0).collect();
+    let lowest = cells.iter().map(|c| u64::from(*c)).min().unwrap();
+    assert_eq!(
+        moved,
+        vec![&(lowest, 1)],
+        "one cell (the lowest), counted once"
+    );
+}
+
+/// Audit 9 F4(c): a release that fails (the store cannot write) must not move the
+/// watermark: the bucket — empty here — is released on the next run, so a failure never
+/// leaves a gap that would read as "nobody came".
+#[tokio::test]
+async fn a_failed_release_is_retried_and_leaves_no_gap() {
+    let r = rig(Config::default(), true, &[(45.76, 4.84)]).await;
+    r.clock.advance(HOUR + Duration::from_secs(11 * 60));
+    r.store.set_writable_for_test(false);
+    assert!(r.insights.release_due().await.is_err());
+    r.store.set_writable_for_test(true);
+    r.clock.advance(Duration::from_secs(9 * 60));
+    assert_eq!(r.insights.release_due().await.unwrap().released, 1);
+    let ledger = r
+        .store
+        .ledger(Timestamp(i64::MIN), Timestamp(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.iter().map(|e| e.bucket).collect::<Vec<_>>(),
+        vec![Timestamp(T0)]
+    );
 }

@@ -19,8 +19,8 @@ use super::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, StoreError, Write
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback,
-    LedgerEntry, Merchant, MerchantId, Notification, Offer, OfferStatRow, OfferStatsLedgerEntry,
-    OpeningHours, Purpose, Purposes, ReleasedCount, Restriction,
+    LedgerEntry, Merchant, MerchantId, Notification, Offer, OfferId, OfferStatRow,
+    OfferStatsLedgerEntry, OpeningHours, Purpose, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "privacy accounting",
         include_str!("migrations/sqlite/0005_privacy_accounting.sql"),
+    ),
+    (
+        7,
+        "offer deliveries",
+        include_str!("migrations/sqlite/0007_offer_deliveries.sql"),
     ),
 ];
 
@@ -287,6 +292,28 @@ impl SqliteStore {
         .collect()
     }
 
+    pub(crate) async fn load_deliveries(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<(OfferId, u64, Timestamp)>, StoreError> {
+        sqlx::query(
+            "SELECT offer_id, cell, sent_at FROM offer_deliveries WHERE sent_at >= ?
+             ORDER BY sent_at",
+        )
+        .bind(since.millis())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                uuid_col(r, "offer_id")?,
+                r.try_get::<i64, _>("cell")? as u64,
+                Timestamp(r.try_get("sent_at")?),
+            ))
+        })
+        .collect()
+    }
+
     pub(crate) async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
         sqlx::query(
             "SELECT device, merchant_id, muted, dismissals, backoff_until FROM restrictions",
@@ -355,19 +382,28 @@ impl SqliteStore {
     pub(crate) async fn bucket_counts(
         &self,
         bucket: Timestamp,
+        max_cells_per_device: u32,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        sqlx::query("SELECT cell, COUNT(*) AS n FROM contributions WHERE bucket = ? GROUP BY cell")
-            .bind(bucket.millis())
-            .fetch_all(&self.readers)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i64, _>("cell")? as u64,
-                    r.try_get::<i64, _>("n")? as u64,
-                ))
-            })
-            .collect()
+        // Each device counts in at most `max_cells_per_device` cells (its lowest), whatever
+        // bound admitted its rows: the noise is calibrated for this one.
+        sqlx::query(
+            "SELECT cell, COUNT(*) AS n FROM
+               (SELECT cell, ROW_NUMBER() OVER (PARTITION BY device ORDER BY cell) AS rank
+                FROM contributions WHERE bucket = ?)
+             WHERE rank <= ? GROUP BY cell",
+        )
+        .bind(bucket.millis())
+        .bind(i64::from(max_cells_per_device))
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64, _>("cell")? as u64,
+                r.try_get::<i64, _>("n")? as u64,
+            ))
+        })
+        .collect()
     }
 
     pub(crate) async fn unreleased_buckets(&self) -> Result<Vec<Timestamp>, StoreError> {
@@ -1391,8 +1427,9 @@ async fn notify(
     // merchant is not revoked and the offer exists: whatever another process or node changed
     // since the decision, nothing refused here is ever shown. With limits, also only if the
     // offer's daily budget and the cell's flood guard still have room among the stored
-    // notifications, which every node writes: the in-memory reservations hold them on one
-    // node, this holds them across nodes.
+    // deliveries, which every node writes: the in-memory reservations hold them on one
+    // node, this holds them across nodes. Deliveries carry no device, so no ForgetMe,
+    // retention sweep or log trim gives a budget back.
     let (per_day, per_minute) = limits.map_or((i64::MAX, i64::MAX), |l| {
         (i64::from(l.offer_per_day), i64::from(l.cell_per_minute))
     });
@@ -1404,9 +1441,9 @@ async fn notify(
          WHERE EXISTS (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
            AND EXISTS (SELECT 1 FROM merchants WHERE merchant_id = ? AND revoked_at IS NULL)
            AND EXISTS (SELECT 1 FROM offers WHERE offer_id = ? AND merchant_id = ?)
-           AND (SELECT COUNT(*) FROM notifications WHERE offer_id = ? AND sent_at > ?) < ?
-           AND (SELECT COUNT(*) FROM notifications
-                WHERE sent_at >= ? AND sent_at < ? AND cell = ?) < ?",
+           AND (SELECT COUNT(*) FROM offer_deliveries WHERE offer_id = ? AND sent_at > ?) < ?
+           AND (SELECT COUNT(*) FROM offer_deliveries
+                WHERE cell = ? AND sent_at >= ? AND sent_at < ?) < ?",
     )
     .bind(n.notification_id.to_string())
     .bind(device)
@@ -1422,9 +1459,9 @@ async fn notify(
     .bind(n.offer_id.to_string())
     .bind(n.sent_at.millis() - 86_400_000)
     .bind(per_day)
+    .bind(n.cell as i64)
     .bind(minute)
     .bind(minute + 60_000)
-    .bind(n.cell as i64)
     .bind(per_minute)
     .execute(&mut *conn)
     .await?
@@ -1432,6 +1469,17 @@ async fn notify(
     if recorded == 0 {
         return Ok(WriteResult::Count(0));
     }
+    sqlx::query("INSERT INTO offer_deliveries (offer_id, cell, sent_at) VALUES (?, ?, ?)")
+        .bind(n.offer_id.to_string())
+        .bind(n.cell as i64)
+        .bind(n.sent_at.millis())
+        .execute(&mut *conn)
+        .await?;
+    // Nothing older than the longest window counted (an offer's 24 hours) is kept.
+    sqlx::query("DELETE FROM offer_deliveries WHERE sent_at <= ?")
+        .bind(n.sent_at.millis() - 86_400_000)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(
         "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
            (SELECT notification_id FROM notifications WHERE device = ?
