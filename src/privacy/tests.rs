@@ -648,3 +648,5 @@ async fn laplace_offer_stats_noise_matches_the_mechanism() {
     assert_eq!(samples.len(), 100_000);
     check_distribution(&samples, Mechanism::DiscreteLaplace, scale);
 }
+
+mod daily;

@@ -51,6 +51,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "privacy accounting",
         include_str!("migrations/sqlite/0005_privacy_accounting.sql"),
     ),
+    (
+        6,
+        "daily release",
+        include_str!("migrations/sqlite/0006_daily_release.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -1022,6 +1027,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 "DELETE FROM consent_receipts WHERE device = ?",
                 "DELETE FROM contributions WHERE device = ?",
                 "DELETE FROM contribution_spend WHERE device = ?",
+                "DELETE FROM daily_contributions WHERE device = ?",
                 "DELETE FROM notifications WHERE device = ?",
                 "DELETE FROM restrictions WHERE device = ?",
                 "DELETE FROM devices WHERE device = ?",
@@ -1039,6 +1045,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 "consent_receipts",
                 "contributions",
                 "contribution_spend",
+                "daily_contributions",
                 "notifications",
                 "restrictions",
             ] {
@@ -1208,6 +1215,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 .await?;
             Ok(WriteResult::Done)
         }
+        WriteOp::ContributeDay { .. } | WriteOp::ReleaseDay { .. } => daily::apply(conn, op).await,
         WriteOp::ReleaseOfferStats { entry, rows } => {
             let inserted = sqlx::query(
                 "INSERT OR IGNORE INTO offer_stats_ledger (day, released_at, mechanism, scale,
@@ -1391,5 +1399,6 @@ async fn notify(
     Ok(WriteResult::Count(1))
 }
 
+mod daily;
 #[cfg(test)]
 mod tests;
