@@ -48,7 +48,9 @@ pub fn foot_traffic_explanation(s: &Settings) -> String {
          several cells include suppressed values. Each device counts in at most {} cells per \
          period. Daily counts are a release of their own — distinct devices per cell and UTC \
          day, each device in at most {} cells a day, so a person who stays three hours counts \
-         once — with noise of standard deviation {:.1} (95% within ±{:.0}). {}",
+         once — with noise of standard deviation {:.1} (95% within ±{:.0}). A device's privacy \
+         loss over everything released (hourly and daily counts and offer statistics together) \
+         is at most ε = {:.2} in any 24 hours.",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
@@ -57,7 +59,7 @@ pub fn foot_traffic_explanation(s: &Settings) -> String {
         c.privacy.max_cells_per_day,
         dp.daily.noise_std_dev,
         dp.daily.ci95_half_width,
-        budget_explanation(s),
+        dp.epsilon_per_device_per_day,
     )
 }
 
