@@ -251,6 +251,8 @@ function renderMap() {
   const svg = $("map");
   const cells = state.me.area;
   svg.replaceChildren(hatchDefs());
+  // A detail line describes the period it was read in: a new period starts without one.
+  if ($("cell-detail").dataset.time !== String(state.mapTime)) $("cell-detail").textContent = "";
   if (!cells.length) return;
   const proj = projection(cells);
   svg.setAttribute("viewBox", "0 0 " + proj.size + " " + proj.size);
@@ -296,6 +298,7 @@ function showTip(ev, c, p) {
   tip.style.top = (ev.clientY - wrap.top) + "px";
   tip.hidden = false;
   $("cell-detail").textContent = "Area " + c.cell + (c.location ? " (your location)" : "") + ": " + describe(p);
+  $("cell-detail").dataset.time = String(state.mapTime);
 }
 
 function hideTip() { $("tooltip").hidden = true; }
