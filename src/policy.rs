@@ -50,7 +50,7 @@ pub fn foot_traffic_explanation(s: &Settings) -> String {
          day, each device in at most {} cells a day, so a person who stays three hours counts \
          once — with noise of standard deviation {:.1} (95% within ±{:.0}). A device's privacy \
          loss over everything released (hourly and daily counts and offer statistics together) \
-         is at most ε = {:.2} in any 24 hours.",
+         is at most ε = {:.2} per day, in any 24 hours.",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
