@@ -195,7 +195,10 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         .released_days(&children, Timestamp(day_start), Timestamp(T0))
         .await
         .unwrap();
-    assert!(rows.len() > 1, "the domain's cells under the parent, zeros included");
+    assert!(
+        rows.len() > 1,
+        "the domain's cells under the parent, zeros included"
+    );
     let sum: i64 = rows.iter().map(|r| r.noisy).sum();
     if !a.suppressed {
         assert_eq!(a.count, sum);

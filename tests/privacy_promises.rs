@@ -219,7 +219,10 @@ async fn the_daily_bound_holds_per_day_across_hourly_releases_and_restarts() {
     }
     clock.set(Timestamp(day0 + 2 * DAY + 10 * MINUTE));
     assert_eq!(app.insights.release_due().await.unwrap().days, 1);
-    assert_eq!(per_day.keys().copied().collect::<Vec<_>>(), [day0, day0 + DAY]);
+    assert_eq!(
+        per_day.keys().copied().collect::<Vec<_>>(),
+        [day0, day0 + DAY]
+    );
     for (day, held) in &per_day {
         assert_eq!(held.len(), k, "day {day}: {held:?}");
     }

@@ -250,7 +250,13 @@ async fn foot_traffic_reads_released_counts_of_the_own_area_only() {
     let p = &one["points"][0];
     assert_eq!(p["cell"], format!("{:x}", u64::from(here)));
     assert_eq!(p["bucket_start"], day_start);
-    let half = app.settings.current().consequences.privacy.daily.ci95_half_width;
+    let half = app
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .daily
+        .ci95_half_width;
     let hi = p["ci95_high"].as_f64().unwrap();
     let expected = if p["suppressed"] == true {
         20.0 + half

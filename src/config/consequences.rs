@@ -370,8 +370,16 @@ mod tests {
         let c = config.validate().unwrap();
         let p = &c.privacy;
         assert!(p.ci95_half_width <= 28.0, "hourly ±{}", p.ci95_half_width);
-        assert!(p.daily.ci95_half_width <= 30.0, "daily ±{}", p.daily.ci95_half_width);
-        assert!(p.epsilon_per_device_per_day <= 2.0, "{}", p.epsilon_per_device_per_day);
+        assert!(
+            p.daily.ci95_half_width <= 30.0,
+            "daily ±{}",
+            p.daily.ci95_half_width
+        );
+        assert!(
+            p.epsilon_per_device_per_day <= 2.0,
+            "{}",
+            p.epsilon_per_device_per_day
+        );
         // Any 24 hours touches two UTC days: the daily part is two releases' worth.
         let daily = &p.budget[1];
         assert_eq!(daily.release, "daily_foot_traffic");

@@ -64,11 +64,14 @@ pub fn admit(held: &mut Vec<(i64, u64)>, day: i64, cell: u64, max_cells: u32) ->
     DayAdmission::New
 }
 
+/// One shard of [`Held`]: each device's (day, cell) pairs.
+type Shard = HashMap<DeviceId, Vec<(i64, u64)>>;
+
 /// The daily cells each device holds for unreleased days: a few dozen bytes per device seen
 /// today, dropped when its day is released.
 #[derive(Debug)]
 pub struct Held {
-    shards: Vec<Mutex<HashMap<DeviceId, Vec<(i64, u64)>>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl Default for Held {
@@ -80,7 +83,7 @@ impl Default for Held {
 }
 
 impl Held {
-    fn shard(&self, device: &DeviceId) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Vec<(i64, u64)>>> {
+    fn shard(&self, device: &DeviceId) -> std::sync::MutexGuard<'_, Shard> {
         self.shards[usize::from(device.0[0]) % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -325,7 +325,11 @@ impl Insights {
         let grace = duration_millis(settings.config.insights.grace.get());
         // Due days follow the ledger, not the ingest watermark: a day whose release failed
         // (a store error, a crash) is the first one the next run tries again.
-        let watermark = self.store.last_daily_release().await?.map(Timestamp::millis);
+        let watermark = self
+            .store
+            .last_daily_release()
+            .await?
+            .map(Timestamp::millis);
         let first = if watermark.is_none() {
             offer_stats::first_day(&self.store.merchants().await?)
         } else {

@@ -47,8 +47,7 @@ fn domain_of(r: &super::Rig, merchants: &[crate::model::Merchant]) -> Vec<u64> {
 /// `privacy.max_cells_per_day` (8) cells of the daily release, each by one; a writer that
 /// bypasses memory is refused by the store.
 #[tokio::test]
-async fn a_device_in_fifteen_cells_counts_in_at_most_k_daily_cells_across_releases_and_a_restart()
-{
+async fn a_device_in_fifteen_cells_counts_in_at_most_k_daily_cells_across_releases_and_a_restart() {
     let mut config = Config::default();
     config.insights.radius_k = 10;
     config.rate_limits.device_burst = 1000;
@@ -65,8 +64,8 @@ async fn a_device_in_fifteen_cells_counts_in_at_most_k_daily_cells_across_releas
         if hour == 2 {
             // Restart: new memory, loaded from the store as the server does at start.
             let shared: SharedClock = Arc::new(r.clock.clone());
-            let insights = Insights::new(r.store.clone(), shared.clone(), r.settings.clone())
-                .without_noise();
+            let insights =
+                Insights::new(r.store.clone(), shared.clone(), r.settings.clone()).without_noise();
             insights.load().await.unwrap();
             let devices = Arc::new(Devices::default());
             devices.set_purposes(
@@ -201,7 +200,11 @@ async fn the_daily_release_covers_the_domain_once_with_zeros_and_deletes_raw_con
         .collect();
     assert_eq!(got, domain.iter().copied().collect::<BTreeSet<_>>());
     assert!(
-        r.store.day_counts(Timestamp(DAY0)).await.unwrap().is_empty(),
+        r.store
+            .day_counts(Timestamp(DAY0))
+            .await
+            .unwrap()
+            .is_empty(),
         "raw daily contributions are gone"
     );
     // A late report for the released day is dropped (before any write, and by the store).
@@ -228,7 +231,10 @@ async fn the_daily_release_covers_the_domain_once_with_zeros_and_deletes_raw_con
     // The next, empty, day is released too once due: zeros are released.
     r.clock.set(Timestamp(DAY0 + 2 * DAY_MS + 10 * 60_000));
     assert_eq!(r.insights.release_due().await.unwrap().days, 1);
-    assert_eq!(released_day(&r.store, &domain, DAY0 + DAY_MS).await.len(), 38);
+    assert_eq!(
+        released_day(&r.store, &domain, DAY0 + DAY_MS).await.len(),
+        38
+    );
 }
 
 /// Releases `days` days of a fixed dataset through the real daily release and returns the
@@ -244,7 +250,13 @@ async fn daily_noise_samples(mechanism: MechanismKind, days: i64) -> (Vec<i64>, 
     let domain = domain_of(&r, &r.store.merchants().await.unwrap());
     // The fixed dataset: the first 100 cells hold i % 7 distinct devices each, the rest none.
     for n in 0..700 {
-        store_consent(&r.store, device(1000 + n), &[Purpose::FootTraffic], Timestamp(T0)).await;
+        store_consent(
+            &r.store,
+            device(1000 + n),
+            &[Purpose::FootTraffic],
+            Timestamp(T0),
+        )
+        .await;
     }
     let mut samples = Vec::new();
     for round in 0..days {
@@ -281,7 +293,10 @@ async fn gaussian_daily_noise_matches_the_mechanism_at_the_configured_scale() {
     let (samples, scale) = daily_noise_samples(MechanismKind::Gaussian, 11).await;
     assert!(samples.len() >= 100_000, "{}", samples.len());
     // The configured scale: σ = sqrt(K / (2 ρ_day)) = sqrt(8 / 0.035) ≈ 15.12.
-    assert!((scale - (8.0_f64 / (2.0 * 0.0175)).sqrt()).abs() < 1e-6, "{scale}");
+    assert!(
+        (scale - (8.0_f64 / (2.0 * 0.0175)).sqrt()).abs() < 1e-6,
+        "{scale}"
+    );
     check_distribution(&samples, Mechanism::DiscreteGaussian, scale);
 }
 
