@@ -96,6 +96,13 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         .into_inner();
     let pending = mine.pending_contributions.unwrap();
     assert_eq!(pending.count, 1);
+    // The daily release's contribution is shown too, with its deletion at the day's release.
+    let daily = mine.pending_daily_contributions.unwrap();
+    assert_eq!(daily.count, 1);
+    assert_eq!(
+        daily.retention_deadline.unwrap().seconds,
+        (T0 - 10 * 3_600_000 + 86_400_000 + 600_000) / 1000
+    );
     assert_eq!(
         pending.retention_deadline.unwrap().seconds,
         (T0 + 3_600_000 + 600_000) / 1000

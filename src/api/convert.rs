@@ -108,6 +108,12 @@ pub fn my_data(d: &MyData) -> pb::MyData {
                 retention_deadline: Some(timestamp(deadline)),
             }
         }),
+        pending_daily_contributions: d.pending_daily_contributions.map(|(count, deadline)| {
+            pb::PendingContributions {
+                count,
+                retention_deadline: Some(timestamp(deadline)),
+            }
+        }),
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
     }

@@ -202,6 +202,12 @@ impl SqliteStore {
         .bind(&device.0[..])
         .fetch_one(&mut *tx)
         .await?;
+        let daily = sqlx::query(
+            "SELECT COUNT(*) AS n, MAX(day) AS latest FROM daily_contributions WHERE device = ?",
+        )
+        .bind(&device.0[..])
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -227,6 +233,8 @@ impl SqliteStore {
             latest_pending_bucket: opt_ts(&pending, "latest")?,
             contribution_spend: spend.try_get::<i64, _>("n")? as u64,
             latest_spend_bucket: opt_ts(&spend, "latest")?,
+            pending_daily_contributions: daily.try_get::<i64, _>("n")? as u64,
+            latest_pending_day: opt_ts(&daily, "latest")?,
         }))
     }
 
