@@ -153,8 +153,9 @@ pub enum WriteOp {
         rows: Vec<OfferStatRow>,
     },
     /// Records a daily contribution (the device seen in `cell` on the UTC day starting at
-    /// `day`) if the device still consents and holds fewer than `max_cells` cells of that day
-    /// in the store; yields 1 if recorded, else 0.
+    /// `day`) if the device still consents, the day is not released and the device holds
+    /// fewer than `max_cells` cells of that day in the store. Yields `Done` either way (never
+    /// a count: `Many` sums the notifications a request recorded).
     ContributeDay {
         device: DeviceId,
         cell: u64,

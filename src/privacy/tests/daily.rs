@@ -112,7 +112,9 @@ async fn a_device_in_fifteen_cells_counts_in_at_most_k_daily_cells_across_releas
         day: Timestamp(DAY0),
         max_cells: k as u32,
     };
-    assert_eq!(r.store.write_count(ninth).await.unwrap(), 0);
+    r.store.write(ninth).await.unwrap();
+    let held = r.store.load_daily_contributions().await.unwrap();
+    assert_eq!(held.len(), k, "the store refused the ninth cell");
     r.clock.set(Timestamp(DAY0 + DAY_MS + 10 * 60_000));
     assert_eq!(r.insights.release_due().await.unwrap().days, 1);
     let merchants = r.store.merchants().await.unwrap();
@@ -227,13 +229,56 @@ async fn the_daily_release_covers_the_domain_once_with_zeros_and_deletes_raw_con
         day: Timestamp(DAY0),
         max_cells: 8,
     };
-    assert_eq!(r.store.write_count(forged).await.unwrap(), 0);
+    r.store.write(forged).await.unwrap();
+    assert!(
+        r.store
+            .day_counts(Timestamp(DAY0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // The next, empty, day is released too once due: zeros are released.
     r.clock.set(Timestamp(DAY0 + 2 * DAY_MS + 10 * 60_000));
     assert_eq!(r.insights.release_due().await.unwrap().days, 1);
     assert_eq!(
         released_day(&r.store, &domain, DAY0 + DAY_MS).await.len(),
         38
+    );
+}
+
+/// A request's writes are one `Many`, whose count is the notifications it recorded: a new
+/// daily contribution must not make a refused notification look recorded (the offer would be
+/// shown although the store refused it).
+#[tokio::test]
+async fn a_daily_contribution_never_counts_as_a_recorded_notification() {
+    let r = rig(Config::default(), false, &[(45.76, 4.84)]).await;
+    let d = device(3);
+    consent(&r, d, &[Purpose::FootTraffic, Purpose::NearbyOffers]).await;
+    let cell = domain_of(&r, &r.store.merchants().await.unwrap())[0];
+    let refused = crate::model::Notification {
+        notification_id: uuid::Uuid::new_v4(),
+        device: d,
+        // No such offer: the store refuses the notification.
+        offer_id: uuid::Uuid::new_v4(),
+        merchant_id: r.store.merchants().await.unwrap()[0].merchant_id,
+        cell,
+        sent_at: r.clock.now(),
+        feedback: None,
+    };
+    let op = WriteOp::Many(vec![
+        WriteOp::Notify(refused),
+        WriteOp::ContributeDay {
+            device: d,
+            cell,
+            day: Timestamp(DAY0),
+            max_cells: 8,
+        },
+    ]);
+    assert_eq!(r.store.write_count(op).await.unwrap(), 0);
+    assert_eq!(
+        r.store.day_counts(Timestamp(DAY0)).await.unwrap(),
+        vec![(cell, 1)],
+        "the contribution itself was recorded"
     );
 }
 

@@ -26,7 +26,9 @@ pub(super) async fn apply(
             // writer is the only one), so it holds whatever memory says: after a restart, on
             // another node, after an hourly release. Conditional on consent, like `Contribute`,
             // and on the day not being released yet (a report racing the release is dropped).
-            let added = sqlx::query(
+            // It yields `Done`, never a count: a request's `Many` counts the notifications it
+            // recorded, and a contribution must never stand in for a refused one.
+            sqlx::query(
                 "INSERT OR IGNORE INTO daily_contributions (day, cell, device)
                  SELECT ?, ?, ? WHERE EXISTS
                    (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
@@ -43,9 +45,8 @@ pub(super) async fn apply(
             .bind(i64::from(*max_cells))
             .bind(day.millis())
             .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(WriteResult::Count(added))
+            .await?;
+            Ok(WriteResult::Done)
         }
         WriteOp::ReleaseDay { entry, counts } => {
             let inserted = sqlx::query(
