@@ -421,9 +421,17 @@ fn print_check(s: &Settings, json: bool) {
         dp.offer_stats.noise_scale, dp.offer_stats.noise_std_dev, dp.offer_stats.ci95_half_width
     );
     println!(
-        "noise: scale {:.3}, std-dev {:.2}; 95% interval of one count: ±{:.0}; of a cell's day total: ±{:.0}",
+        "hourly noise: scale {:.3}, std-dev {:.2}; 95% interval of one count: ±{:.0} (a sum of a cell's 24 hours would be ±{:.0})",
         dp.noise_scale, dp.noise_std_dev, dp.ci95_half_width, dp.day_total_ci95_half_width
     );
+    println!(
+        "daily noise: scale {:.3}, std-dev {:.2}; 95% interval of one daily count: ±{:.0}; each device in at most {} cells per UTC day, counted twice in any 24 hours",
+        dp.daily.noise_scale,
+        dp.daily.noise_std_dev,
+        dp.daily.ci95_half_width,
+        dp.daily.max_cells_per_day
+    );
+    println!("{}", crate::policy::budget_explanation(s));
     println!(
         "contributions bounded to {} cells per bucket and {} in any 24 hours; counts below {} suppressed (cosmetic: the noise protects)",
         s.config.privacy.max_cells_per_bucket, dp.contributions_per_day, dp.threshold

@@ -468,6 +468,14 @@ pub struct PrivacyConfig {
     pub rho_per_bucket: f64,
     /// Gaussian: zCDP rho a device can spend per day on offer statistics.
     pub offer_stats_rho_per_day: f64,
+    /// A device counts in at most this many cells per UTC day in the daily release.
+    pub max_cells_per_day: u32,
+    /// Gaussian: zCDP rho of one day's daily release for a device at `max_cells_per_day`
+    /// (any 24 hours touches two UTC days, so the promise counts it twice).
+    pub rho_per_day: f64,
+    /// Laplace: epsilon of one day's daily release for a device at `max_cells_per_day`
+    /// (counted twice in the promise, likewise).
+    pub epsilon_per_day: f64,
     /// Laplace: epsilon a device can spend per day on offer statistics.
     pub offer_stats_epsilon_per_day: f64,
     /// Noisy counts below this are released as suppressed.
@@ -482,10 +490,13 @@ impl Default for PrivacyConfig {
         PrivacyConfig {
             mechanism: MechanismKind::Gaussian,
             max_cells_per_bucket: 4,
-            max_contributions_per_day: 24,
+            max_contributions_per_day: 16,
             epsilon_per_bucket: 0.1,
             rho_per_bucket: 0.01,
             offer_stats_rho_per_day: 0.01,
+            max_cells_per_day: 8,
+            rho_per_day: 0.0175,
+            epsilon_per_day: 0.4,
             offer_stats_epsilon_per_day: 0.2,
             threshold: 20,
             max_epsilon_per_device_per_day: 2.0,
@@ -738,23 +749,28 @@ impl Config {
             EPSILON_RANGE,
             "privacy.offer_stats_epsilon_per_day",
         )?;
+        if !(1..=100).contains(&p.max_cells_per_day) {
+            return Err(inv("privacy.max_cells_per_day", "must be 1-100"));
+        }
+        in_range(p.rho_per_day, RHO_RANGE, "privacy.rho_per_day")?;
+        in_range(p.epsilon_per_day, EPSILON_RANGE, "privacy.epsilon_per_day")?;
         let consequences = Consequences::of(self).map_err(|e| inv("privacy", e.to_string()))?;
         let eps = consequences.privacy.epsilon_per_device_per_day;
         if eps > p.max_epsilon_per_device_per_day {
             let spent_by = match p.mechanism {
                 MechanismKind::Gaussian => {
-                    "privacy.rho_per_bucket, privacy.offer_stats_rho_per_day"
+                    "privacy.rho_per_bucket, privacy.rho_per_day, privacy.offer_stats_rho_per_day"
                 }
                 MechanismKind::Laplace => {
-                    "privacy.epsilon_per_bucket, privacy.offer_stats_epsilon_per_day"
+                    "privacy.epsilon_per_bucket, privacy.epsilon_per_day, privacy.offer_stats_epsilon_per_day"
                 }
             };
             return Err(inv(
                 "privacy.max_epsilon_per_device_per_day",
                 format!(
                     "the release schedule spends epsilon = {eps:.3} per device in any 24 hours (delta = {}), \
-                     more than the promised {}; lower {spent_by}, privacy.max_cells_per_bucket or \
-                     privacy.max_contributions_per_day, or lengthen insights.bucket",
+                     more than the promised {}; lower {spent_by}, privacy.max_cells_per_bucket, \
+                     privacy.max_contributions_per_day or privacy.max_cells_per_day, or lengthen insights.bucket",
                     p.delta, p.max_epsilon_per_device_per_day
                 ),
             ));

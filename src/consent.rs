@@ -49,6 +49,8 @@ pub struct MyData {
     /// Contribution spend (pairs per bucket, no cells) kept to hold the per-day bound over any
     /// 24 hours, and when the last of it is deleted.
     pub contribution_spend: Option<(u64, Timestamp)>,
+    /// Unreleased daily contributions (cell, UTC day) and when the last of them is deleted.
+    pub pending_daily_contributions: Option<(u64, Timestamp)>,
     pub last_activity: Option<Timestamp>,
     /// When everything expires if the device stays inactive.
     pub retention_deadline: Option<Timestamp>,
@@ -197,6 +199,14 @@ impl Consents {
                     b.plus(crate::caps::DAY)
                         .plus(ins.bucket.get())
                         .plus(ins.grace.get()),
+                )
+            }),
+            pending_daily_contributions: snapshot.latest_pending_day.map(|d| {
+                let ins = &self.settings.current().config.insights;
+                (
+                    snapshot.pending_daily_contributions,
+                    // Deleted by the release of the day.
+                    d.plus(crate::caps::DAY).plus(ins.grace.get()),
                 )
             }),
             last_activity: Some(snapshot.last_activity),

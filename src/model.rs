@@ -113,6 +113,9 @@ pub struct DeviceSnapshot {
     /// bucket among them.
     pub contribution_spend: u64,
     pub latest_spend_bucket: Option<Timestamp>,
+    /// Unreleased daily contributions (cell, UTC day) and the latest day among them.
+    pub pending_daily_contributions: u64,
+    pub latest_pending_day: Option<Timestamp>,
 }
 
 /// A merchant id (UUID).

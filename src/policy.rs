@@ -46,14 +46,60 @@ pub fn foot_traffic_explanation(s: &Settings) -> String {
          inferred: 95% of counts are within ±{:.0} of the truth. Counts below {} are shown \
          as suppressed — for readability only: the noise is the protection, and sums over \
          several cells include suppressed values. Each device counts in at most {} cells per \
-         period; its privacy loss over everything released (offer statistics included) is at \
-         most ε = {:.2} per day, in any 24 hours.",
+         period. Daily counts are a release of their own — distinct devices per cell and UTC \
+         day, each device in at most {} cells a day, so a person who stays three hours counts \
+         once — with noise of standard deviation {:.1} (95% within ±{:.0}). A device's privacy \
+         loss over everything released (hourly and daily counts and offer statistics together) \
+         is at most ε = {:.2} per day, in any 24 hours.",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
         dp.threshold,
         c.privacy.max_cells_per_bucket,
-        dp.epsilon_per_device_per_day
+        c.privacy.max_cells_per_day,
+        dp.daily.noise_std_dev,
+        dp.daily.ci95_half_width,
+        dp.epsilon_per_device_per_day,
+    )
+}
+
+/// The per-device budget in plain words: each release series' share, and how they add up to
+/// the promise (zCDP ρ adds up and converts to one ε; pure-DP ε adds up).
+pub fn budget_explanation(s: &Settings) -> String {
+    let c = &s.config;
+    let dp = &s.consequences.privacy;
+    let part = |name: &str| {
+        dp.budget
+            .iter()
+            .find(|p| p.release == name)
+            .map_or(0.0, |p| p.rho + p.epsilon)
+    };
+    let (hourly, daily, offers) = (
+        part("hourly_foot_traffic"),
+        part("daily_foot_traffic"),
+        part("offer_stats"),
+    );
+    let (unit, per_day) = match c.privacy.mechanism {
+        MechanismKind::Gaussian => ("ρ", dp.daily.rho_per_release),
+        MechanismKind::Laplace => ("ε", dp.daily.epsilon_per_release),
+    };
+    let pairs = dp.contributions_per_day.max(1);
+    let total = match c.privacy.mechanism {
+        MechanismKind::Gaussian => format!(
+            "together ρ = {:.4}, which is ε = {:.2} at δ = {:e}",
+            dp.rho_per_device_per_day, dp.epsilon_per_device_per_day, dp.delta
+        ),
+        MechanismKind::Laplace => format!("together ε = {:.2}", dp.epsilon_per_device_per_day),
+    };
+    format!(
+        "In any 24 hours one device can cost: hourly counts {unit} = {hourly:.4} (at most \
+         {pairs} area-hours, {unit} = {:.5} each), plus daily counts {unit} = {daily:.4} (a day's \
+         release costs {unit} = {per_day:.4} for a device in up to {} areas, and any 24 hours \
+         spans two calendar days, so twice that), plus offer statistics {unit} = {offers:.4}: \
+         {total}, within the promised ε = {}.",
+        hourly / f64::from(pairs),
+        c.privacy.max_cells_per_day,
+        c.privacy.max_epsilon_per_device_per_day,
     )
 }
 
@@ -70,7 +116,7 @@ fn recipients(s: &Settings) -> Vec<Recipient> {
         Recipient {
             recipient: "merchants",
             receives: format!(
-                "counts of people per area and {} {scope}, and per offer and day how often it \
+                "counts of people per area and {} and per area and day {scope}, and per offer and day how often it \
                  was delivered and opened, only after differential-privacy noise is added; never \
                  an individual, a device id, an exact count or a location history",
                 s.config.insights.bucket
@@ -143,21 +189,28 @@ fn summary(s: &Settings, area_km2: f64) -> String {
     out.push(format!(
         "Foot traffic (only if you allow it): merchants see how many devices were in an area per \
          {}, with random {mechanism} noise added (standard deviation {:.1}; 95% of released counts \
-         are within ±{:.0} of the truth). Counts below {} are shown only as \"few\" — a courtesy \
+         are within ±{:.0} of the truth), and how many distinct devices were in an area per \
+         day, released once after the day with noise of its own (standard deviation {:.1}; \
+         ±{:.0}). Counts below {} are shown only as \"few\" — a courtesy \
          to readers, not a protection: the noise is what protects you. Merchants also see, per \
          offer and day, how often it was delivered and opened, with noise of the same kind \
          (standard deviation {:.1}), never exact counts. You are counted in at most {} areas \
-         per period and {} in any 24 hours, so the privacy loss for you over all of it is at \
-         most ε = {:.2} in any 24 hours{delta}, within the promised ε = {}.",
+         per period and {} in any 24 hours, and in at most {} areas per day, so the privacy \
+         loss for you over all of it is at most ε = {:.2} in any 24 hours{delta}, within the \
+         promised ε = {}. {}",
         c.insights.bucket,
         dp.noise_std_dev,
         dp.ci95_half_width,
+        dp.daily.noise_std_dev,
+        dp.daily.ci95_half_width,
         dp.threshold,
         dp.offer_stats.noise_std_dev,
         c.privacy.max_cells_per_bucket,
         dp.contributions_per_day,
+        c.privacy.max_cells_per_day,
         dp.epsilon_per_device_per_day,
         c.privacy.max_epsilon_per_device_per_day,
+        budget_explanation(s),
     ));
     out.push(format!(
         "Retention: everything about your device is deleted after {} without activity; raw \

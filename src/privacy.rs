@@ -5,6 +5,7 @@
 
 pub mod accounting;
 pub mod contrib;
+pub mod daily;
 pub mod domain;
 pub mod mechanism;
 pub mod offer_stats;

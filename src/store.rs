@@ -154,6 +154,23 @@ pub enum WriteOp {
         entry: OfferStatsLedgerEntry,
         rows: Vec<OfferStatRow>,
     },
+    /// Records a daily contribution (the device seen in `cell` on the UTC day starting at
+    /// `day`) if the device still consents, the day is not released and the device holds
+    /// fewer than `max_cells` cells of that day in the store. Yields `Done` either way (never
+    /// a count: `Many` sums the notifications a request recorded).
+    ContributeDay {
+        device: DeviceId,
+        cell: u64,
+        day: Timestamp,
+        max_cells: u32,
+    },
+    /// Releases one UTC day of daily counts in one transaction: the ledger entry (`bucket` is
+    /// the day's start), the noisy table and the deletion of the day's raw daily
+    /// contributions. Yields 1, or 0 (and changes nothing) if the day was already released.
+    ReleaseDay {
+        entry: LedgerEntry,
+        counts: Vec<ReleasedCount>,
+    },
 }
 
 /// The limits shared by all devices that a delivery must fit, checked again in the store.
@@ -517,6 +534,53 @@ impl Store {
     ) -> Result<Vec<OfferStatsLedgerEntry>, StoreError> {
         match &*self.backend {
             Backend::Sqlite(s) => s.offer_stats_ledger(start, end).await,
+        }
+    }
+
+    /// Distinct daily contribution counts per cell of the UTC day starting at `day`.
+    pub async fn day_counts(&self, day: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.day_counts(day).await,
+        }
+    }
+
+    /// Every unreleased daily contribution as (device, cell, day), to rebuild bounds at start.
+    pub async fn load_daily_contributions(
+        &self,
+    ) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.load_daily_contributions().await,
+        }
+    }
+
+    /// Start of the newest released day of daily counts, if any.
+    pub async fn last_daily_release(&self) -> Result<Option<Timestamp>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.last_daily_release().await,
+        }
+    }
+
+    /// Daily-release ledger entries of days starting in `[start, end)`, oldest first.
+    pub async fn daily_ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.daily_ledger(start, end).await,
+        }
+    }
+
+    /// Released daily counts of `cells` for days starting in `[start, end)` (`bucket` is the
+    /// day's start).
+    pub async fn released_days(
+        &self,
+        cells: &[u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<ReleasedCount>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.released_days(cells, start, end).await,
         }
     }
 

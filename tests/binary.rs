@@ -360,6 +360,15 @@ fn config_check_names_bad_values_and_unknown_keys() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("privacy.max_epsilon_per_device_per_day")
     );
+    // The daily release is part of the same promise: overspending through it is refused too.
+    let out = run("[privacy]\nrho_per_day = 0.05\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("privacy.max_epsilon_per_device_per_day")
+            && err.contains("privacy.rho_per_day"),
+        "{err}"
+    );
 
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/hexveil.example.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hexveil"))
@@ -375,6 +384,20 @@ fn config_check_names_bad_values_and_unknown_keys() {
     assert!(text.contains("at most 3 per day, 10 per week"), "{text}");
     assert!(text.contains("epsilon = "), "{text}");
     assert!(text.contains("95% interval of one count"), "{text}");
+    // The defaults: hourly ±28, daily ±30, and every part with the total within ε 2.0.
+    assert!(text.contains("95% interval of one count: ±28"), "{text}");
+    assert!(
+        text.contains("95% interval of one daily count: ±30"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hourly_foot_traffic rho 0.0400 + daily_foot_traffic rho 0.0350 + offer_stats rho 0.0100"),
+        "{text}"
+    );
+    assert!(
+        text.contains("epsilon = 1.961 per device per day"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -189,6 +189,27 @@ async fn privacy_policy_is_generated_from_the_live_config() {
     assert_eq!(dp.mechanism, "discrete_gaussian");
     assert!(dp.epsilon_per_device_per_day > 0.0 && dp.epsilon_per_device_per_day <= 2.0);
     assert!(dp.ci95_half_width > dp.noise_std_dev);
+    // Each part of the budget and the total: hourly, daily (two UTC days in any 24 hours) and
+    // offer statistics add up in ρ to what the promise converts.
+    let parts: Vec<&str> = dp.budget.iter().map(|p| p.release.as_str()).collect();
+    assert_eq!(
+        parts,
+        ["hourly_foot_traffic", "daily_foot_traffic", "offer_stats"]
+    );
+    let total: f64 = dp.budget.iter().map(|p| p.rho).sum();
+    assert!((total - dp.rho_per_device_per_day).abs() < 1e-12);
+    assert!((dp.daily_rho_per_day - 2.0 * 0.0175).abs() < 1e-9);
+    assert!(dp.ci95_half_width <= 28.0 && dp.daily_ci95_half_width <= 30.0);
+    assert_eq!(dp.max_cells_per_day, 8);
+    for text in [&dp.budget_explanation, &policy.summary] {
+        assert!(
+            text.contains("hourly counts ρ = 0.0400")
+                && text.contains("daily counts ρ = 0.0350")
+                && text.contains("offer statistics ρ = 0.0100")
+                && text.contains("together ρ = 0.0850, which is ε = 1.96"),
+            "{text}"
+        );
+    }
     assert!(policy.summary.contains("Acme Offers Ltd"));
     assert!(
         policy.summary.contains("at most 2 offers per day"),

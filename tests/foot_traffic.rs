@@ -96,6 +96,13 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
         .into_inner();
     let pending = mine.pending_contributions.unwrap();
     assert_eq!(pending.count, 1);
+    // The daily release's contribution is shown too, with its deletion at the day's release.
+    let daily = mine.pending_daily_contributions.unwrap();
+    assert_eq!(daily.count, 1);
+    assert_eq!(
+        daily.retention_deadline.unwrap().seconds,
+        (T0 - 10 * 3_600_000 + 86_400_000 + 600_000) / 1000
+    );
     assert_eq!(
         pending.retention_deadline.unwrap().seconds,
         (T0 + 3_600_000 + 600_000) / 1000
@@ -133,17 +140,77 @@ async fn devices_report_the_bucket_is_released_and_the_merchant_reads_it() {
     if !p.suppressed {
         assert!((p.ci95_high - p.ci95_low) >= params.ci95_half_width);
     }
-    // A coarser area and a day total are sums of released values, with wider intervals.
-    let parent = here.parent(h3o::Resolution::Seven).unwrap();
+    // A day is not a sum of hours: before the daily release there is no DAY point at all.
+    let before = merchant_client(ch.clone(), Some(&key_a))
+        .get_foot_traffic(day_of(vec![here.into()], pb::Granularity::Day))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(before.points.is_empty(), "{:?}", before.points);
+    // The same devices come back in a later hour: hours count them twice, the day once.
+    for n in 0..25 {
+        report(format!("ft-device-{n:08}"), here.into()).await;
+    }
+    let day_start = T0 - 10 * 3_600_000;
+    clock.set(Timestamp(day_start + 86_400_000 + 600_000));
+    let run = server.app.insights.release_due().await.unwrap();
+    assert_eq!(run.days, 1, "{run:?}");
+    assert_eq!(server.app.insights.release_due().await.unwrap().days, 0);
+    let released = store
+        .released_days(&[u64::from(here)], Timestamp(day_start), Timestamp(T0))
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    let ledger = store
+        .daily_ledger(Timestamp(day_start), Timestamp(T0))
+        .await
+        .unwrap();
+    assert_eq!(ledger.len(), 1);
+    let daily_half = hexveil::privacy::accounting::ci95_half_width_gaussian(ledger[0].scale);
     let day = merchant_client(ch.clone(), Some(&key_a))
-        .get_foot_traffic(day_of(vec![parent.into()], pb::Granularity::Day))
+        .get_foot_traffic(day_of(vec![here.into()], pb::Granularity::Day))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(day.points.len(), 1);
     let d = &day.points[0];
-    assert_eq!(d.bucket_start.unwrap().seconds, T0 / 1000 - 10 * 3600);
-    assert!(d.ci95_high - d.ci95_low > p.ci95_high - p.ci95_low || d.suppressed);
+    assert_eq!(d.bucket_start.unwrap().seconds, day_start / 1000);
+    assert_eq!(d.suppressed, released[0].suppressed);
+    if d.suppressed {
+        assert_eq!((d.count, d.ci95_low), (0, 0.0));
+        assert!((d.ci95_high - (20.0 + daily_half)).abs() < 1e-9);
+    } else {
+        assert_eq!(d.count, released[0].noisy, "DAY reads the daily release");
+        assert!((d.ci95_high - (d.count as f64 + daily_half)).abs() < 1e-9);
+        assert!((d.ci95_low - (d.count as f64 - daily_half).max(0.0)).abs() < 1e-9);
+    }
+    // A coarser area sums released daily values, with a wider interval.
+    let parent = here.parent(h3o::Resolution::Seven).unwrap();
+    let area = merchant_client(ch.clone(), Some(&key_a))
+        .get_foot_traffic(day_of(vec![parent.into()], pb::Granularity::Day))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(area.points.len(), 1);
+    let a = &area.points[0];
+    assert_eq!(a.bucket_start.unwrap().seconds, day_start / 1000);
+    let children: Vec<u64> = parent
+        .children(h3o::Resolution::Eight)
+        .map(u64::from)
+        .collect();
+    let rows = store
+        .released_days(&children, Timestamp(day_start), Timestamp(T0))
+        .await
+        .unwrap();
+    assert!(
+        rows.len() > 1,
+        "the domain's cells under the parent, zeros included"
+    );
+    let sum: i64 = rows.iter().map(|r| r.noisy).sum();
+    if !a.suppressed {
+        assert_eq!(a.count, sum);
+    }
+    assert!(a.ci95_high - a.ci95_low > 2.0 * daily_half || a.suppressed);
 
     // Outside the merchant's area: PERMISSION_DENIED.
     let err = merchant_client(ch.clone(), Some(&key_a))

@@ -48,7 +48,7 @@ async fn open_app(dir: &std::path::Path, extra: &str, clock: SharedClock) -> App
 async fn the_daily_bound_holds_in_any_24_hours_across_releases_and_restarts() {
     const CONFIG: &str = "[insights]\nbucket = \"1m\"\ngrace = \"0s\"\n\
         [rate_limits]\ndevice_reports_per_hour = 3600000\ndevice_burst = 10000\n\
-        [privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 24\n";
+        [privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 16\n";
     let dir = tempfile::tempdir().unwrap();
     let (clock, shared) = manual_clock(T0);
     let mut app = open_app(dir.path(), CONFIG, shared.clone()).await;
@@ -70,7 +70,7 @@ async fn the_daily_bound_holds_in_any_24_hours_across_releases_and_restarts() {
 
     let consequences = app.settings.current().consequences.clone();
     let bound = consequences.privacy.contributions_per_day;
-    assert_eq!(bound, 24);
+    assert_eq!(bound, 16);
     let mut recorded: BTreeMap<i64, u32> = BTreeMap::new(); // bucket -> pairs
     let minutes = 30 * 60;
     for minute in 0..minutes {
@@ -156,6 +156,98 @@ async fn the_daily_bound_holds_in_any_24_hours_across_releases_and_restarts() {
         "a device spent ε = {spent} in 24 h; config check promises {}",
         consequences.privacy.epsilon_per_device_per_day
     );
+}
+
+/// The daily release's bound, as an adversary who roams: one device reports in three new
+/// cells every hour for 30 hours (two UTC days), with each hourly bucket released as it falls
+/// due and two restarts on the way (one in each day). Every daily contribution ever stored is
+/// read before its day's release deletes it: no day may hold more than
+/// `privacy.max_cells_per_day` cells of the device, and any 24 hours — which touches two
+/// days — may cost it no more than the daily part of the budget `config check` prints.
+#[tokio::test]
+async fn the_daily_bound_holds_per_day_across_hourly_releases_and_restarts() {
+    const CONFIG: &str = "[insights]\nradius_k = 4\n\
+        [rate_limits]\ndevice_reports_per_hour = 3600000\ndevice_burst = 10000\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, shared) = manual_clock(T0);
+    let mut app = open_app(dir.path(), CONFIG, shared.clone()).await;
+    let home = cell_at(48.85, 2.35);
+    hexveil::merchants::add(&app.store, "A", vec![home.into()], 8, Timestamp(T0 - 1))
+        .await
+        .unwrap();
+    app.insights.refresh_domain().await.unwrap();
+    let cells: Vec<h3o::CellIndex> = home.grid_disk::<Vec<_>>(4).into_iter().collect();
+    assert_eq!(cells.len(), 61);
+    let device = DeviceId([9; 16]);
+    app.consents
+        .set(
+            device,
+            Purposes::from_iter([Purpose::FootTraffic]),
+            "1".into(),
+        )
+        .await
+        .unwrap();
+    let consequences = app.settings.current().consequences.clone();
+    let k = consequences.privacy.daily.max_cells_per_day as usize;
+    assert_eq!(k, 8);
+    let day0 = T0.div_euclid(DAY) * DAY;
+    let mut per_day: BTreeMap<i64, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    for hour in 0..30_i64 {
+        if hour == 5 || hour == 20 {
+            // Restarts: fresh memory, loaded from the store.
+            app = open_app(dir.path(), CONFIG, shared.clone()).await;
+        }
+        for j in 0..3 {
+            let now = T0 + hour * 3_600_000 + j * MINUTE;
+            clock.set(Timestamp(now));
+            app.presence
+                .report(Report {
+                    device,
+                    cell: cells[((hour * 3 + j) % 61) as usize],
+                    observed_at: Timestamp(now),
+                    utc_offset_minutes: 0,
+                })
+                .await
+                .unwrap();
+        }
+        for (d, cell, day) in app.store.load_daily_contributions().await.unwrap() {
+            assert_eq!(d, device);
+            per_day.entry(day.millis()).or_default().insert(cell);
+        }
+        clock.set(Timestamp(T0 + (hour + 1) * 3_600_000 + 10 * MINUTE));
+        app.insights.release_due().await.unwrap();
+    }
+    clock.set(Timestamp(day0 + 2 * DAY + 10 * MINUTE));
+    assert_eq!(app.insights.release_due().await.unwrap().days, 1);
+    assert_eq!(
+        per_day.keys().copied().collect::<Vec<_>>(),
+        [day0, day0 + DAY]
+    );
+    for (day, held) in &per_day {
+        assert_eq!(held.len(), k, "day {day}: {held:?}");
+    }
+    // What any 24 hours costs: two consecutive days, each day's cells over its own release's
+    // noise (from the ledger), against the daily part `config check` prints.
+    let ledger: BTreeMap<i64, f64> = app
+        .store
+        .daily_ledger(Timestamp(day0), Timestamp(day0 + 2 * DAY))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.bucket.millis(), e.scale))
+        .collect();
+    assert_eq!(ledger.len(), 2);
+    let rho: f64 = per_day
+        .iter()
+        .map(|(d, held)| held.len() as f64 / (2.0 * ledger[d] * ledger[d]))
+        .sum();
+    let part = consequences
+        .privacy
+        .budget
+        .iter()
+        .find(|p| p.release == "daily_foot_traffic")
+        .unwrap();
+    assert!(rho <= part.rho * (1.0 + 1e-9), "{rho} vs {part:?}");
 }
 
 /// A merchant registered before a bucket starts gets that bucket released over its whole

@@ -204,9 +204,11 @@ async fn foot_traffic_reads_released_counts_of_the_own_area_only() {
     )
     .await;
     assert_eq!(one.status, 200, "{}", one.body);
-    let one = one.json();
-    assert_eq!(one["points"].as_array().unwrap().len(), 1);
-    assert_eq!(one["points"][0]["cell"], format!("{:x}", u64::from(here)));
+    assert_eq!(
+        one.json()["points"].as_array().unwrap().len(),
+        0,
+        "days come from the daily release, never from sums of released hours"
+    );
 
     let area = get(a, &format!("/api/v1/foot-traffic/area?{range}"), Some(&key)).await;
     assert_eq!(area.status, 200, "{}", area.body);
@@ -229,6 +231,39 @@ async fn foot_traffic_reads_released_counts_of_the_own_area_only() {
     )
     .await;
     assert_error(&r, 403, Some("cells"), "outside your area");
+
+    // Once the UTC day is released, its day point is there, with the daily release's interval.
+    let day_start = T0.div_euclid(86_400_000) * 86_400_000;
+    clock.set(Timestamp(day_start + 86_400_000 + 10 * 60_000));
+    assert_eq!(app.insights.release_due().await.unwrap().days, 1);
+    let one = get(
+        a,
+        &format!(
+            "/api/v1/foot-traffic?{range}&granularity=day&cells={:x}",
+            u64::from(here)
+        ),
+        Some(&key),
+    )
+    .await
+    .json();
+    assert_eq!(one["points"].as_array().unwrap().len(), 1, "{one}");
+    let p = &one["points"][0];
+    assert_eq!(p["cell"], format!("{:x}", u64::from(here)));
+    assert_eq!(p["bucket_start"], day_start);
+    let half = app
+        .settings
+        .current()
+        .consequences
+        .privacy
+        .daily
+        .ci95_half_width;
+    let hi = p["ci95_high"].as_f64().unwrap();
+    let expected = if p["suppressed"] == true {
+        20.0 + half
+    } else {
+        p["count"].as_f64().unwrap() + half
+    };
+    assert!((hi - expected).abs() < 1e-9, "{p}");
     server.stop().await;
 }
 

@@ -108,6 +108,12 @@ pub fn my_data(d: &MyData) -> pb::MyData {
                 retention_deadline: Some(timestamp(deadline)),
             }
         }),
+        pending_daily_contributions: d.pending_daily_contributions.map(|(count, deadline)| {
+            pb::PendingContributions {
+                count,
+                retention_deadline: Some(timestamp(deadline)),
+            }
+        }),
         retention_deadline: deadline,
         last_activity: d.last_activity.map(timestamp),
     }
@@ -180,6 +186,31 @@ pub fn privacy_policy(p: &PrivacyPolicy<'_>) -> pb::PrivacyPolicy {
                 .filter(|p| p.release == "offer_stats")
                 .map(|p| p.epsilon)
                 .sum(),
+            daily_noise_std_dev: dp.daily.noise_std_dev,
+            daily_ci95_half_width: dp.daily.ci95_half_width,
+            max_cells_per_day: c.privacy.max_cells_per_day,
+            daily_rho_per_day: dp
+                .budget
+                .iter()
+                .filter(|p| p.release == "daily_foot_traffic")
+                .map(|p| p.rho)
+                .sum(),
+            daily_epsilon_per_day: dp
+                .budget
+                .iter()
+                .filter(|p| p.release == "daily_foot_traffic")
+                .map(|p| p.epsilon)
+                .sum(),
+            budget: dp
+                .budget
+                .iter()
+                .map(|p| pb::BudgetPart {
+                    release: p.release.to_string(),
+                    rho: p.rho,
+                    epsilon: p.epsilon,
+                })
+                .collect(),
+            budget_explanation: crate::policy::budget_explanation(p.settings),
         }),
         recipients: p
             .recipients
@@ -276,5 +307,8 @@ pub fn privacy_params(s: &crate::settings::Settings) -> pb::PrivacyParams {
         resolution: u32::from(c.insights.resolution),
         max_cells_per_bucket: c.privacy.max_cells_per_bucket,
         explanation: crate::policy::foot_traffic_explanation(s),
+        daily_noise_std_dev: dp.daily.noise_std_dev,
+        daily_ci95_half_width: dp.daily.ci95_half_width,
+        max_cells_per_day: c.privacy.max_cells_per_day,
     }
 }

@@ -37,6 +37,11 @@ pub struct CapConsequences {
 /// bounded by the caps' rolling windows. A per-UTC-day release whose own bound is per UTC day
 /// (the daily release) is touched by two days in a window straddling midnight, so its part is
 /// twice one day's cost unless its bound is made rolling too.
+///
+/// hexveil keeps the daily release's bound per UTC day (that is what a merchant reads: a
+/// device in at most `privacy.max_cells_per_day` cells of one UTC day) and counts its part
+/// twice: a window from 13:00 to 13:00 holds the afternoon of one UTC day and the morning of
+/// the next, and each of those two releases can move `max_cells_per_day` counts by one.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BudgetPart {
     /// `"hourly_foot_traffic"`, `"offer_stats"`, …
@@ -66,6 +71,23 @@ pub struct OfferStatsConsequences {
     pub ci95_half_width: f64,
 }
 
+/// Noise and sensitivity of the daily release (distinct devices per cell and UTC day).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DailyConsequences {
+    /// Cells one device counts in per UTC day at most (`privacy.max_cells_per_day`).
+    pub max_cells_per_day: u32,
+    /// UTC days, hence daily releases, one 24-hour window can touch: 2.
+    pub days_per_window: u32,
+    /// zCDP ρ (Gaussian) or ε (Laplace) of one day's release for a device at the bound.
+    pub rho_per_release: f64,
+    pub epsilon_per_release: f64,
+    /// Scale handed to opendp (σ or b).
+    pub noise_scale: f64,
+    pub noise_std_dev: f64,
+    /// Half-width of the 95% interval of one released daily count.
+    pub ci95_half_width: f64,
+}
+
 /// The privacy loss per device and the accuracy of each released count.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrivacyConsequences {
@@ -78,6 +100,8 @@ pub struct PrivacyConsequences {
     pub budget: Vec<BudgetPart>,
     /// Offer statistics' noise.
     pub offer_stats: OfferStatsConsequences,
+    /// The daily release's noise.
+    pub daily: DailyConsequences,
     /// δ of the guarantee (0 for the pure-DP Laplace mechanism).
     pub delta: f64,
     /// zCDP ρ per device per day (Gaussian only, else 0).
@@ -92,7 +116,8 @@ pub struct PrivacyConsequences {
     pub noise_std_dev: f64,
     /// Half-width of the 95% interval of one released count.
     pub ci95_half_width: f64,
-    /// Half-width of the 95% interval of one cell's day total (a sum of its buckets).
+    /// Half-width of the 95% interval of a sum of one cell's buckets over a day (what a day
+    /// cost before the daily release; kept for comparison).
     pub day_total_ci95_half_width: f64,
     /// Noisy counts below this are suppressed.
     pub threshold: u32,
@@ -148,6 +173,9 @@ fn offer_stats_sensitivity(config: &Config, caps: &CapConsequences) -> (u32, u32
     (n, m, 2.0 * f64::from(n), 2.0 * f64::from(n) * f64::from(m))
 }
 
+/// UTC days one 24-hour window can overlap, hence daily releases it can move.
+pub const DAYS_PER_WINDOW: u32 = 2;
+
 fn privacy_consequences(
     config: &Config,
     caps: &CapConsequences,
@@ -163,6 +191,8 @@ fn privacy_consequences(
         .min(p.max_cells_per_bucket.saturating_mul(buckets_per_day));
     let c = f64::from(contributions);
     let n_day = usize::try_from(buckets_per_day).unwrap_or(usize::MAX);
+    let kd = f64::from(p.max_cells_per_day);
+    let windows = f64::from(DAYS_PER_WINDOW);
     Ok(match p.mechanism {
         MechanismKind::Gaussian => {
             // One release moves at most k counts by 1: L2² sensitivity k, so ρ_bucket = k/(2σ²).
@@ -170,10 +200,28 @@ fn privacy_consequences(
             let sigma = accounting::gaussian_sigma_for_rho(k, p.rho_per_bucket);
             let rho_hourly = c / (2.0 * sigma * sigma);
             let offer_sigma = accounting::gaussian_sigma_for_rho(l2_sq, p.offer_stats_rho_per_day);
+            // The daily release moves at most K_d counts by 1: ρ_release = K_d/(2σ_d²), and any
+            // 24 hours touches two days' releases.
+            let day_sigma = accounting::gaussian_sigma_for_rho(kd, p.rho_per_day);
+            let rho_release = kd / (2.0 * day_sigma * day_sigma);
+            let daily = DailyConsequences {
+                max_cells_per_day: p.max_cells_per_day,
+                days_per_window: DAYS_PER_WINDOW,
+                rho_per_release: rho_release,
+                epsilon_per_release: 0.0,
+                noise_scale: day_sigma,
+                noise_std_dev: accounting::discrete_gaussian_std(day_sigma),
+                ci95_half_width: accounting::ci95_half_width_gaussian(day_sigma),
+            };
             let budget = vec![
                 BudgetPart {
                     release: "hourly_foot_traffic",
                     rho: rho_hourly,
+                    epsilon: 0.0,
+                },
+                BudgetPart {
+                    release: "daily_foot_traffic",
+                    rho: windows * rho_release,
                     epsilon: 0.0,
                 },
                 BudgetPart {
@@ -196,6 +244,7 @@ fn privacy_consequences(
                     noise_std_dev: accounting::discrete_gaussian_std(offer_sigma),
                     ci95_half_width: accounting::ci95_half_width_gaussian(offer_sigma),
                 },
+                daily,
                 delta: p.delta,
                 rho_per_device_per_day: rho_day,
                 buckets_per_day,
@@ -215,11 +264,27 @@ fn privacy_consequences(
             // L1 sensitivity k per release, so b = k/ε_bucket; a day moves C counts: ε = C/b.
             let b = accounting::laplace_scale_for_epsilon(k, p.epsilon_per_bucket);
             let offer_b = accounting::laplace_scale_for_epsilon(l1, p.offer_stats_epsilon_per_day);
+            // L1 sensitivity K_d per daily release: b_d = K_d/ε_day, twice in any 24 hours.
+            let day_b = accounting::laplace_scale_for_epsilon(kd, p.epsilon_per_day);
+            let daily = DailyConsequences {
+                max_cells_per_day: p.max_cells_per_day,
+                days_per_window: DAYS_PER_WINDOW,
+                rho_per_release: 0.0,
+                epsilon_per_release: kd / day_b,
+                noise_scale: day_b,
+                noise_std_dev: accounting::discrete_laplace_std(day_b),
+                ci95_half_width: accounting::ci95_half_width_laplace(day_b),
+            };
             let budget = vec![
                 BudgetPart {
                     release: "hourly_foot_traffic",
                     rho: 0.0,
                     epsilon: c / b,
+                },
+                BudgetPart {
+                    release: "daily_foot_traffic",
+                    rho: 0.0,
+                    epsilon: windows * kd / day_b,
                 },
                 BudgetPart {
                     release: "offer_stats",
@@ -240,6 +305,7 @@ fn privacy_consequences(
                     noise_std_dev: accounting::discrete_laplace_std(offer_b),
                     ci95_half_width: accounting::ci95_half_width_laplace(offer_b),
                 },
+                daily,
                 delta: 0.0,
                 rho_per_device_per_day: 0.0,
                 buckets_per_day,
@@ -268,8 +334,11 @@ mod tests {
         let c = Consequences::of(&config).unwrap();
         let p = &c.privacy;
         let parts: Vec<&str> = p.budget.iter().map(|b| b.release).collect();
-        assert_eq!(parts, ["hourly_foot_traffic", "offer_stats"]);
-        let offer = &p.budget[1];
+        assert_eq!(
+            parts,
+            ["hourly_foot_traffic", "daily_foot_traffic", "offer_stats"]
+        );
+        let offer = &p.budget[2];
         assert!((offer.rho - config.privacy.offer_stats_rho_per_day).abs() < 1e-12);
         let total: f64 = p.budget.iter().map(|b| b.rho).sum();
         assert!((total - p.rho_per_device_per_day).abs() < 1e-12);
@@ -293,5 +362,49 @@ mod tests {
         config.privacy.offer_stats_epsilon_per_day = 1.5;
         let err = config.validate().unwrap_err();
         assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+    }
+
+    #[test]
+    fn the_defaults_keep_hourly_and_daily_counts_accurate_under_the_promise() {
+        let config = Config::default();
+        let c = config.validate().unwrap();
+        let p = &c.privacy;
+        assert!(p.ci95_half_width <= 28.0, "hourly ±{}", p.ci95_half_width);
+        assert!(
+            p.daily.ci95_half_width <= 30.0,
+            "daily ±{}",
+            p.daily.ci95_half_width
+        );
+        assert!(
+            p.epsilon_per_device_per_day <= 2.0,
+            "{}",
+            p.epsilon_per_device_per_day
+        );
+        // Any 24 hours touches two UTC days: the daily part is two releases' worth.
+        let daily = &p.budget[1];
+        assert_eq!(daily.release, "daily_foot_traffic");
+        assert!((daily.rho - 2.0 * p.daily.rho_per_release).abs() < 1e-12);
+        assert!((p.daily.rho_per_release - config.privacy.rho_per_day).abs() < 1e-9);
+        // Laplace defaults keep the promise too.
+        let mut laplace = Config::default();
+        laplace.privacy.mechanism = MechanismKind::Laplace;
+        let c = laplace.validate().unwrap();
+        assert!(c.privacy.epsilon_per_device_per_day <= 2.0);
+        assert!((c.privacy.budget[1].epsilon - 2.0 * laplace.privacy.epsilon_per_day).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_daily_release_can_break_the_promise_and_is_refused_then() {
+        let mut config = Config::default();
+        config.privacy.rho_per_day = 0.03;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+        assert!(err.to_string().contains("privacy.rho_per_day"), "{err}");
+        let mut config = Config::default();
+        config.privacy.mechanism = MechanismKind::Laplace;
+        config.privacy.epsilon_per_day = 0.8;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key(), "privacy.max_epsilon_per_device_per_day");
+        assert!(err.to_string().contains("privacy.epsilon_per_day"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Merchant queries: read released tables only (free to query, no extra privacy loss), by
-//! hour or day, for cells at `insights.resolution` or coarser. Sums of released values (day
-//! totals, coarser areas) carry intervals widened for the number of noisy terms they add.
+//! hour (the hourly releases) or day (the daily release, never sums of hours), for cells at
+//! `insights.resolution` or coarser. Sums of released values (coarser areas) carry intervals
+//! widened for the number of noisy terms they add.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -14,6 +15,7 @@ use crate::settings::Settings;
 use crate::store::{Store, StoreError};
 
 use super::accounting::{self, Mechanism};
+use super::daily::DAY_MS;
 use super::domain;
 use super::release::mechanism_of;
 
@@ -220,10 +222,22 @@ async fn answer(
         .collect::<BTreeSet<u64>>()
         .into_iter()
         .collect();
-    let released = store.released(&all, start, end).await?;
-    let ledger: HashMap<i64, (Mechanism, f64)> = store
-        .ledger(start, end)
-        .await?
+    // Days come from the daily release (distinct devices per UTC day, its own noise), never
+    // from sums of hours; a day is in the answer if it overlaps [start, end).
+    let (released, ledger) = match granularity {
+        Granularity::Hour => (
+            store.released(&all, start, end).await?,
+            store.ledger(start, end).await?,
+        ),
+        Granularity::Day => {
+            let first = Timestamp(start.millis().div_euclid(DAY_MS) * DAY_MS);
+            (
+                store.released_days(&all, first, end).await?,
+                store.daily_ledger(first, end).await?,
+            )
+        }
+    };
+    let ledger: HashMap<i64, (Mechanism, f64)> = ledger
         .into_iter()
         .map(|e| {
             let mech = if e.mechanism == "discrete_laplace" {
@@ -241,7 +255,10 @@ async fn answer(
     let threshold = i64::from(config.privacy.threshold);
     let default_noise = (
         mechanism_of(config.privacy.mechanism),
-        settings.consequences.privacy.noise_scale,
+        match granularity {
+            Granularity::Hour => settings.consequences.privacy.noise_scale,
+            Granularity::Day => settings.consequences.privacy.daily.noise_scale,
+        },
     );
     let mut out = Vec::new();
     for (cell, members) in groups {
@@ -249,10 +266,7 @@ async fn answer(
         let mut periods: BTreeMap<i64, (i64, Vec<(Mechanism, f64)>)> = BTreeMap::new();
         for m in &members {
             for r in by_cell.get(m).into_iter().flatten() {
-                let period = match granularity {
-                    Granularity::Hour => r.bucket.millis(),
-                    Granularity::Day => r.bucket.millis().div_euclid(86_400_000) * 86_400_000,
-                };
+                let period = r.bucket.millis();
                 let e = periods.entry(period).or_default();
                 e.0 += r.noisy;
                 e.1.push(

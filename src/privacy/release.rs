@@ -19,6 +19,7 @@ use crate::store::{Store, StoreError, WriteOp};
 
 use super::accounting::Mechanism;
 use super::contrib::{self, Admission};
+use super::daily::{self, DayAdmission};
 use super::domain;
 use super::mechanism::{self, NoiseError};
 use super::offer_stats;
@@ -94,6 +95,11 @@ pub struct Insights {
     released_through: Arc<AtomicI64>,
     /// Start of the newest released day of offer statistics (ms), `i64::MIN` if none.
     offer_stats_through: Arc<AtomicI64>,
+    /// Start of the newest released UTC day of the daily release (ms), `i64::MIN` if none;
+    /// daily contributions to it or earlier days are late.
+    days_through: Arc<AtomicI64>,
+    /// The daily release's in-memory bound (cells per device and unreleased day).
+    daily: Arc<daily::Held>,
     /// The current domain, for ingest (releases recompute theirs for the bucket's start).
     domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
     /// The bucket grid in force (fixed at start, see [`Grid`]).
@@ -112,6 +118,8 @@ pub struct ReleaseRun {
     pub already: usize,
     /// Days of offer statistics released.
     pub offer_days: usize,
+    /// Days of the daily foot-traffic release released.
+    pub days: usize,
 }
 
 /// What one (cell, bucket) pair costs a device under `config` (ρ = 1/(2σ²) or ε = 1/b,
@@ -149,6 +157,8 @@ impl Insights {
             settings,
             released_through: Arc::new(AtomicI64::new(i64::MIN)),
             offer_stats_through: Arc::new(AtomicI64::new(i64::MIN)),
+            days_through: Arc::new(AtomicI64::new(i64::MIN)),
+            daily: Arc::default(),
             domain: Arc::default(),
             grid: Arc::new(RwLock::new(Grid::fixed(len))),
             released_cost: Arc::default(),
@@ -203,6 +213,11 @@ impl Insights {
             self.offer_stats_through
                 .fetch_max(last.millis(), Ordering::SeqCst);
         }
+        if let Some(last) = self.store.last_daily_release().await? {
+            self.days_through.fetch_max(last.millis(), Ordering::SeqCst);
+        }
+        self.daily
+            .load(self.store.load_daily_contributions().await?);
         self.refresh_domain().await
     }
 
@@ -249,6 +264,28 @@ impl Insights {
             count("outside_domain");
             return None;
         }
+        let day_op = self.contribute_day(device, icell, observed_at, now, config);
+        let hour_op = self.contribute_hour(state, device, icell, observed_at, now, config);
+        match (hour_op, day_op) {
+            (Some(h), Some(d)) => Some(WriteOp::Many(vec![h, d])),
+            (h, d) => h.or(d),
+        }
+    }
+
+    /// The hourly contribution (bounded per bucket and per any 24 hours).
+    fn contribute_hour(
+        &self,
+        state: &mut DeviceState,
+        device: DeviceId,
+        icell: u64,
+        observed_at: Timestamp,
+        now: Timestamp,
+        config: &Config,
+    ) -> Option<WriteOp> {
+        let ins = &config.insights;
+        let count = |outcome: &'static str| {
+            metrics::counter!("hexveil_contributions_total", "outcome" => outcome).increment(1)
+        };
         let len = self.grid().len_at(observed_at.millis());
         let bucket = contrib::bucket_of(observed_at, len);
         let due = bucket.millis() + len + duration_millis(ins.grace.get());
@@ -296,6 +333,45 @@ impl Insights {
         }
     }
 
+    /// The daily contribution (bounded to `privacy.max_cells_per_day` cells per UTC day).
+    fn contribute_day(
+        &self,
+        device: DeviceId,
+        icell: u64,
+        observed_at: Timestamp,
+        now: Timestamp,
+        config: &Config,
+    ) -> Option<WriteOp> {
+        let count = |outcome: &'static str| {
+            metrics::counter!("hexveil_daily_contributions_total", "outcome" => outcome)
+                .increment(1)
+        };
+        let day = daily::day_of(observed_at).millis();
+        let due = day + daily::DAY_MS + duration_millis(config.insights.grace.get());
+        let watermark = self.days_through.load(Ordering::SeqCst);
+        if day <= watermark || now.millis() >= due {
+            count("late");
+            return None;
+        }
+        let max_cells = config.privacy.max_cells_per_day;
+        match self.daily.admit(device, day, icell, max_cells, watermark) {
+            DayAdmission::New => {
+                count("recorded");
+                Some(WriteOp::ContributeDay {
+                    device,
+                    cell: icell,
+                    day: Timestamp(day),
+                    max_cells,
+                })
+            }
+            DayAdmission::Duplicate => None,
+            DayAdmission::CellBound => {
+                count("bounded_cells");
+                None
+            }
+        }
+    }
+
     /// Releases every due bucket; returns how many were released (and found done already).
     pub async fn release_due(&self) -> Result<ReleaseRun, InsightsError> {
         let settings = self.settings.current();
@@ -337,6 +413,7 @@ impl Insights {
             }
         }
         run.offer_days = self.release_offer_stats_due().await?;
+        run.days = self.release_days_due().await?;
         Ok(run)
     }
 
@@ -367,6 +444,42 @@ impl Insights {
 
     fn grid(&self) -> Grid {
         *self.grid.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases every due UTC day of the daily release; returns how many were released now.
+    pub async fn release_days_due(&self) -> Result<usize, InsightsError> {
+        let settings = self.settings.current();
+        let grace = duration_millis(settings.config.insights.grace.get());
+        // Due days follow the ledger, not the ingest watermark: a day whose release failed
+        // (a store error, a crash) is the first one the next run tries again.
+        let watermark = self
+            .store
+            .last_daily_release()
+            .await?
+            .map(Timestamp::millis);
+        let first = if watermark.is_none() {
+            offer_stats::first_day(&self.store.merchants().await?)
+        } else {
+            None
+        };
+        let mut released = 0;
+        for day in offer_stats::due_days(watermark, first, self.clock.now().millis(), grace) {
+            // From now on no new daily contribution to this day is accepted.
+            self.days_through.fetch_max(day, Ordering::SeqCst);
+            if daily::release_day(
+                &self.store,
+                &settings,
+                self.noise,
+                Timestamp(day),
+                self.clock.now(),
+            )
+            .await?
+            {
+                released += 1;
+            }
+            self.daily.prune(day);
+        }
+        Ok(released)
     }
 
     /// Releases every due day of offer statistics; returns how many were released now.

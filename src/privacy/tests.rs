@@ -734,3 +734,5 @@ async fn a_failed_release_is_retried_and_leaves_no_gap() {
         vec![Timestamp(T0)]
     );
 }
+
+mod daily;

@@ -52,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/sqlite/0005_privacy_accounting.sql"),
     ),
     (
+        6,
+        "daily release",
+        include_str!("migrations/sqlite/0006_daily_release.sql"),
+    ),
+    (
         7,
         "offer deliveries",
         include_str!("migrations/sqlite/0007_offer_deliveries.sql"),
@@ -212,6 +217,12 @@ impl SqliteStore {
         .bind(&device.0[..])
         .fetch_one(&mut *tx)
         .await?;
+        let daily = sqlx::query(
+            "SELECT COUNT(*) AS n, MAX(day) AS latest FROM daily_contributions WHERE device = ?",
+        )
+        .bind(&device.0[..])
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         let cell: Option<i64> = row.try_get("cell")?;
         let current_cell = match cell {
@@ -237,6 +248,8 @@ impl SqliteStore {
             latest_pending_bucket: opt_ts(&pending, "latest")?,
             contribution_spend: spend.try_get::<i64, _>("n")? as u64,
             latest_spend_bucket: opt_ts(&spend, "latest")?,
+            pending_daily_contributions: daily.try_get::<i64, _>("n")? as u64,
+            latest_pending_day: opt_ts(&daily, "latest")?,
         }))
     }
 
@@ -1107,6 +1120,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 "DELETE FROM consent_receipts WHERE device = ?",
                 "DELETE FROM contributions WHERE device = ?",
                 "DELETE FROM contribution_spend WHERE device = ?",
+                "DELETE FROM daily_contributions WHERE device = ?",
                 "DELETE FROM notifications WHERE device = ?",
                 "DELETE FROM restrictions WHERE device = ?",
                 "DELETE FROM devices WHERE device = ?",
@@ -1134,6 +1148,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 "consent_receipts",
                 "contributions",
                 "contribution_spend",
+                "daily_contributions",
                 "notifications",
                 "restrictions",
             ] {
@@ -1303,6 +1318,7 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 .await?;
             Ok(WriteResult::Done)
         }
+        WriteOp::ContributeDay { .. } | WriteOp::ReleaseDay { .. } => daily::apply(conn, op).await,
         WriteOp::ReleaseOfferStats { entry, rows } => {
             let inserted = sqlx::query(
                 "INSERT OR IGNORE INTO offer_stats_ledger (day, released_at, mechanism, scale,
@@ -1498,5 +1514,6 @@ async fn notify(
     Ok(WriteResult::Count(1))
 }
 
+mod daily;
 #[cfg(test)]
 mod tests;

@@ -422,6 +422,11 @@ async fn privacy(State(state): State<WebState>, Authed(_): Authed) -> Result<Res
         "contributions_per_day": dp.contributions_per_day,
         "offer_stats_noise_std_dev": dp.offer_stats.noise_std_dev,
         "offer_stats_ci95_half_width": dp.offer_stats.ci95_half_width,
+        "daily_noise_std_dev": dp.daily.noise_std_dev,
+        "daily_ci95_half_width": dp.daily.ci95_half_width,
+        "max_cells_per_day": c.privacy.max_cells_per_day,
+        "budget": dp.budget,
+        "budget_explanation": crate::policy::budget_explanation(&s),
         "explanation": crate::policy::foot_traffic_explanation(&s),
     }))
     .into_response())

@@ -151,7 +151,42 @@ try {
     assert.equal(await page.locator(`label[for="${id}"]`).count(), 1, `#${id} is labelled`);
   }
   await page.getByLabel("Period").selectOption("week");
-  await page.locator("#map .cell:not(.nodata)").first().waitFor();
+  await page.locator("#period-hint", { hasText: "release of their own" }).waitFor();
+  // The day view reads the daily release (distinct devices per UTC day, its own noise), not
+  // sums of hours. The demo's first simulated UTC day is released like its offer statistics
+  // (same due time), so the same proviso applies.
+  const daily = await page.evaluate(async (key) => {
+    const r = await fetch("/api/v1/privacy", { headers: { authorization: "Bearer " + key } });
+    return r.json();
+  }, keys[0]);
+  assert.ok(daily.daily_ci95_half_width > 0 && daily.daily_ci95_half_width <= 30, "daily ±" + daily.daily_ci95_half_width);
+  if (statsDay.startsWith("Delivered on")) {
+    await page.waitForFunction(() => /Released counts for \d+ days?\./.test(document.querySelector("#status").textContent));
+    const days = await page.locator("#map-time option").allTextContents();
+    assert.ok(days.length >= 1 && days.every((t) => !/:/.test(t)), "day view lists days, not hours: " + days.join(" | "));
+    await page.locator("#map .cell[fill]").first().hover();
+    await page.locator("#tooltip").waitFor({ state: "visible" });
+    const tip = await page.locator("#tooltip").textContent();
+    assert.match(tip, /distinct visitors that day|suppressed/, tip);
+    // The whole area's day sums its cells' daily values: a wider interval than one cell's.
+    const area = await page.evaluate(async (key) => {
+      const h = { headers: { authorization: "Bearer " + key } };
+      const me = await (await fetch("/api/v1/me", h)).json();
+      const end = Math.floor(me.server_time / 86400000) * 86400000 + 86400000;
+      const url = "/api/v1/foot-traffic/area?granularity=day&start=" + (end - 7 * 86400000) + "&end=" + end;
+      return (await (await fetch(url, h)).json()).points;
+    }, keys[0]);
+    assert.ok(area.length >= 1, "the whole area has released days");
+    assert.ok(area.every((p) => p.ci95_high - Math.max(p.count, 0) > daily.daily_ci95_half_width), "area intervals are widened");
+    await page.locator("#chart circle.pt").first().waitFor();
+    assert.ok(await page.locator("#chart line.ci").count() >= 1, "each day's 95% interval is drawn");
+    check(`day view: ${days.length} released day(s) from the daily release (±${Math.round(daily.daily_ci95_half_width)} per cell), tooltips say "distinct visitors that day"`);
+  } else {
+    check("day view: no day released yet (within insights.grace after midnight)");
+  }
+  assert.match(await page.locator("#privacy-text").textContent(), /not sums of hours/);
+  assert.match(await page.locator("#budget-text").textContent(), /hourly counts ρ = [\d.]+ .* daily counts ρ = [\d.]+ .* offer statistics ρ = [\d.]+: together ρ = [\d.]+, which is ε = \d\.\d\d/);
+  check("privacy panel: daily figures and the arithmetic of every part and the total");
   await page.getByLabel("Period").selectOption("day");
   await page.locator("#map .cell:not(.nodata)").first().waitFor();
   check("labelled controls; switching the period redraws");

@@ -302,6 +302,7 @@ pub async fn rows_of_device(db: &Path, device: &hexveil::pseudonym::DeviceId) ->
         "restrictions",
         "contributions",
         "contribution_spend",
+        "daily_contributions",
     ] {
         let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t} WHERE device = ?"));
         let c: i64 = sqlx::query_scalar(sql)

@@ -59,7 +59,8 @@ function describe(p) {
   if (p.suppressed) {
     return "suppressed: fewer than " + state.privacy.threshold + " (95% interval " + fmtInterval(p) + ")";
   }
-  return p.count + " devices (95% interval " + fmtInterval(p) + ")";
+  const what = state.granularity === "day" ? " distinct visitors that day" : " devices";
+  return p.count + what + " (95% interval " + fmtInterval(p) + ")";
 }
 
 // ---- sign in / out --------------------------------------------------------------------------
@@ -136,6 +137,11 @@ async function loadTraffic() {
   const r = currentRange();
   state.range = r;
   state.granularity = r.granularity;
+  $("period-hint").textContent = r.granularity === "day"
+    ? "Days come from a release of their own, once per UTC day after it ends: distinct people per area that day (someone who stays three hours counts once), 95% of counts within ±"
+      + Math.round(state.privacy.daily_ci95_half_width) + "."
+    : "Hours are released once each, after the hour ends: distinct people per area and hour, 95% of counts within ±"
+      + Math.round(state.privacy.ci95_half_width) + ".";
   const qs = "start=" + r.start + "&end=" + r.end + "&granularity=" + r.granularity;
   status("Loading…");
   const [cells, area] = await Promise.all([
@@ -245,6 +251,8 @@ function renderMap() {
   const svg = $("map");
   const cells = state.me.area;
   svg.replaceChildren(hatchDefs());
+  // A detail line describes the period it was read in: a new period starts without one.
+  if ($("cell-detail").dataset.time !== String(state.mapTime)) $("cell-detail").textContent = "";
   if (!cells.length) return;
   const proj = projection(cells);
   svg.setAttribute("viewBox", "0 0 " + proj.size + " " + proj.size);
@@ -290,6 +298,7 @@ function showTip(ev, c, p) {
   tip.style.top = (ev.clientY - wrap.top) + "px";
   tip.hidden = false;
   $("cell-detail").textContent = "Area " + c.cell + (c.location ? " (your location)" : "") + ": " + describe(p);
+  $("cell-detail").dataset.time = String(state.mapTime);
 }
 
 function hideTip() { $("tooltip").hidden = true; }
@@ -363,6 +372,13 @@ function renderChart() {
   const top = series.map((p) => x(p.bucket_start).toFixed(1) + "," + y(p.ci95_high).toFixed(1));
   const bottom = series.slice().reverse().map((p) => x(p.bucket_start).toFixed(1) + "," + y(p.ci95_low).toFixed(1));
   svg.append(el("svg:path", { class: "band", d: "M" + top.join(" L") + " L" + bottom.join(" L") + " Z" }));
+  // Days are few and far apart (a band through one day has no width): each gets its interval.
+  if (r.granularity === "day") {
+    for (const p of series) {
+      const px = x(p.bucket_start).toFixed(1);
+      svg.append(el("svg:line", { class: "ci", x1: px, x2: px, y1: y(p.ci95_low).toFixed(1), y2: y(p.ci95_high).toFixed(1) }));
+    }
+  }
   // threshold
   const ty = y(state.privacy.threshold).toFixed(1);
   svg.append(el("svg:line", { class: "thr", x1: String(L), x2: String(W - R), y1: ty, y2: ty }));
@@ -413,8 +429,13 @@ function renderPrivacy() {
   not.append(el("li", {}, "Not zero when suppressed: counts below " + p.threshold + " are hidden, so a hatched area may have had a few visitors. Hiding them is for readability only — the noise is what protects people, and a suppressed count is as safe to show as any other. Sums over several cells (the whole area, a coarser cell) add every released value, suppressed ones included."));
   not.append(el("li", {}, "Not everyone: people who did not agree to be counted are never included."));
   box.append(not);
+  box.append(el("p", {}, "Daily figures are not sums of hours: they are a release of their own — distinct phones per area and UTC day, each phone in at most "
+    + p.max_cells_per_day + " areas a day — published once after the day ends, with noise of standard deviation " + p.daily_noise_std_dev.toFixed(1)
+    + " (95% within ±" + Math.round(p.daily_ci95_half_width) + "; adding up 24 hourly counts would be ±" + Math.round(p.day_total_ci95_half_width) + ")."));
   box.append(el("p", {}, "Your offers' delivered and opened figures are released the same way: once per UTC day, with noise (standard deviation "
     + p.offer_stats_noise_std_dev.toFixed(1) + "), never as exact counts."));
+  box.append(el("h3", {}, "The arithmetic"));
+  box.append(el("p", { id: "budget-text" }, p.budget_explanation));
   box.append(el("p", {}, "The guarantee: whatever you look at — foot traffic and offer figures together — what can be learned about any one person is bounded by ε = "
     + p.epsilon_per_device_per_day.toFixed(2) + " for any 24 hours of their life (δ = " + p.delta + "), within the operator's promise of ε ≤ "
     + p.max_epsilon_per_device_per_day + "."));

@@ -1,0 +1,216 @@
+//! The daily release's SQL: daily contributions (bounded per device and UTC day in the
+//! inserting transaction), the release of one day in one transaction, and its reads.
+
+use sqlx::Row;
+use sqlx::sqlite::SqliteConnection;
+
+use super::{SqliteStore, device_id, opt_ts};
+use crate::clock::Timestamp;
+use crate::model::{LedgerEntry, Purpose, ReleasedCount};
+use crate::pseudonym::DeviceId;
+use crate::store::{StoreError, WriteOp, WriteResult};
+
+/// Applies [`WriteOp::ContributeDay`] and [`WriteOp::ReleaseDay`].
+pub(super) async fn apply(
+    conn: &mut SqliteConnection,
+    op: &WriteOp,
+) -> Result<WriteResult, sqlx::Error> {
+    match op {
+        WriteOp::ContributeDay {
+            device,
+            cell,
+            day,
+            max_cells,
+        } => {
+            // The bound is checked against the stored rows in this very transaction (and the
+            // writer is the only one), so it holds whatever memory says: after a restart, on
+            // another node, after an hourly release. Conditional on consent, like `Contribute`,
+            // and on the day not being released yet (a report racing the release is dropped).
+            // It yields `Done`, never a count: a request's `Many` counts the notifications it
+            // recorded, and a contribution must never stand in for a refused one.
+            sqlx::query(
+                "INSERT OR IGNORE INTO daily_contributions (day, cell, device)
+                 SELECT ?, ?, ? WHERE EXISTS
+                   (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
+                 AND (SELECT COUNT(*) FROM daily_contributions WHERE device = ? AND day = ?) < ?
+                 AND NOT EXISTS (SELECT 1 FROM daily_ledger WHERE day = ?)",
+            )
+            .bind(day.millis())
+            .bind(*cell as i64)
+            .bind(&device.0[..])
+            .bind(&device.0[..])
+            .bind(i64::from(Purpose::FootTraffic.bit()))
+            .bind(&device.0[..])
+            .bind(day.millis())
+            .bind(i64::from(*max_cells))
+            .bind(day.millis())
+            .execute(&mut *conn)
+            .await?;
+            Ok(WriteResult::Done)
+        }
+        WriteOp::ReleaseDay { entry, counts } => {
+            let inserted = sqlx::query(
+                "INSERT OR IGNORE INTO daily_ledger (day, released_at, mechanism, scale, rho,
+                   epsilon, l1_sensitivity, l2_sensitivity, threshold, cells)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(entry.bucket.millis())
+            .bind(entry.released_at.millis())
+            .bind(&entry.mechanism)
+            .bind(entry.scale)
+            .bind(entry.rho)
+            .bind(entry.epsilon)
+            .bind(entry.l1_sensitivity)
+            .bind(entry.l2_sensitivity)
+            .bind(i64::from(entry.threshold))
+            .bind(entry.cells as i64)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // Already released (a retry, or another node): change nothing.
+                return Ok(WriteResult::Count(0));
+            }
+            for chunk in counts.chunks(500) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT INTO daily_releases (day, cell, noisy, suppressed) ",
+                );
+                q.push_values(chunk, |mut row, c| {
+                    row.push_bind(c.bucket.millis())
+                        .push_bind(c.cell as i64)
+                        .push_bind(c.noisy)
+                        .push_bind(i64::from(c.suppressed));
+                });
+                q.build().execute(&mut *conn).await?;
+            }
+            sqlx::query("DELETE FROM daily_contributions WHERE day <= ?")
+                .bind(entry.bucket.millis())
+                .execute(&mut *conn)
+                .await?;
+            Ok(WriteResult::Count(1))
+        }
+        _ => unreachable!("daily::apply is called for daily ops only"),
+    }
+}
+
+impl SqliteStore {
+    pub(crate) async fn day_counts(&self, day: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
+        sqlx::query(
+            "SELECT cell, COUNT(*) AS n FROM daily_contributions WHERE day = ? GROUP BY cell",
+        )
+        .bind(day.millis())
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<i64, _>("cell")? as u64,
+                r.try_get::<i64, _>("n")? as u64,
+            ))
+        })
+        .collect()
+    }
+
+    pub(crate) async fn load_daily_contributions(
+        &self,
+    ) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
+        sqlx::query("SELECT device, cell, day FROM daily_contributions")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    device_id(r, "device")?,
+                    r.try_get::<i64, _>("cell")? as u64,
+                    Timestamp(r.try_get("day")?),
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn last_daily_release(&self) -> Result<Option<Timestamp>, StoreError> {
+        let row = sqlx::query("SELECT MAX(day) AS d FROM daily_ledger")
+            .fetch_one(&self.readers)
+            .await?;
+        opt_ts(&row, "d")
+    }
+
+    pub(crate) async fn daily_ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        sqlx::query("SELECT * FROM daily_ledger WHERE day >= ? AND day < ? ORDER BY day")
+            .bind(start.millis())
+            .bind(end.millis())
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(LedgerEntry {
+                    bucket: Timestamp(r.try_get("day")?),
+                    bucket_len_ms: crate::privacy::daily::DAY_MS,
+                    released_at: Timestamp(r.try_get("released_at")?),
+                    mechanism: r.try_get("mechanism")?,
+                    scale: r.try_get("scale")?,
+                    rho: r.try_get("rho")?,
+                    epsilon: r.try_get("epsilon")?,
+                    l1_sensitivity: r.try_get("l1_sensitivity")?,
+                    l2_sensitivity: r.try_get("l2_sensitivity")?,
+                    threshold: r.try_get::<i64, _>("threshold")? as u32,
+                    cells: r.try_get::<i64, _>("cells")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn released_days(
+        &self,
+        cells: &[u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<ReleasedCount>, StoreError> {
+        let wanted: std::collections::HashSet<u64> = cells.iter().copied().collect();
+        let rows = if cells.len() > 32 {
+            // Many cells: one scan of the time range, filtered here.
+            sqlx::query(
+                "SELECT day, cell, noisy, suppressed FROM daily_releases
+                 WHERE day >= ? AND day < ? ORDER BY day, cell",
+            )
+            .bind(start.millis())
+            .bind(end.millis())
+            .fetch_all(&self.readers)
+            .await?
+        } else {
+            // A few cells: one indexed range scan per cell.
+            let mut rows = Vec::new();
+            for cell in cells {
+                rows.extend(
+                    sqlx::query(
+                        "SELECT day, cell, noisy, suppressed FROM daily_releases
+                         WHERE cell = ? AND day >= ? AND day < ? ORDER BY day",
+                    )
+                    .bind(*cell as i64)
+                    .bind(start.millis())
+                    .bind(end.millis())
+                    .fetch_all(&self.readers)
+                    .await?,
+                );
+            }
+            rows
+        };
+        let mut out = Vec::new();
+        for r in rows {
+            let cell = r.try_get::<i64, _>("cell")? as u64;
+            if wanted.contains(&cell) {
+                out.push(ReleasedCount {
+                    bucket: Timestamp(r.try_get("day")?),
+                    cell,
+                    noisy: r.try_get("noisy")?,
+                    suppressed: r.try_get::<i64, _>("suppressed")? != 0,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
