@@ -241,10 +241,10 @@ async fn a_mid_day_reload_never_composes_two_daily_budgets() {
     const FAST: &str = "[insights]\nbucket = \"1m\"\ngrace = \"0s\"\n\
         [rate_limits]\ndevice_reports_per_hour = 3600000\ndevice_burst = 10000\n";
     let b_cfg = format!(
-        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 4\nrho_per_bucket = 0.06\n"
+        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 4\nrho_per_bucket = 0.04\n"
     );
     let a_cfg = format!(
-        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 24\nrho_per_bucket = 0.01\n"
+        "{FAST}[privacy]\nmax_cells_per_bucket = 4\nmax_contributions_per_day = 16\nrho_per_bucket = 0.01\n"
     );
     let dir = tempfile::tempdir().unwrap();
     let (clock, shared) = manual_clock(T0);

@@ -211,7 +211,11 @@ pub async fn query(
                 Mechanism::DiscreteGaussian => accounting::ci95_half_width_gaussian(scale),
                 Mechanism::DiscreteLaplace => accounting::ci95_half_width_laplace(scale),
             };
-            let ci = |v: i64| ((v as f64 - half).max(0.0), (v as f64 + half).max(0.0));
+            // A count is never negative, so the interval is cut at 0 below; its top is never
+            // cut below the half-width: a released value at or under 0 reads "between 0 and
+            // ±half", not "exactly 0" (an interval of [0, 0] would claim a certainty the
+            // noise never gives).
+            let ci = |v: i64| ((v as f64 - half).max(0.0), (v as f64 + half).max(half));
             Some(OfferStatPoint {
                 offer_id: r.offer_id,
                 day: r.day,

@@ -294,14 +294,19 @@ function showTip(ev, c, p) {
   const tip = $("tooltip");
   const wrap = $("map").parentElement.getBoundingClientRect();
   tip.textContent = describe(p);
-  tip.style.left = (ev.clientX - wrap.left) + "px";
-  tip.style.top = (ev.clientY - wrap.top) + "px";
   tip.hidden = false;
+  // Centred on the pointer, but never past either edge of the window (phones).
+  const half = tip.offsetWidth / 2;
+  const x = Math.min(Math.max(ev.clientX, half + 4), window.innerWidth - half - 4);
+  tip.style.left = (x - wrap.left) + "px";
+  tip.style.top = (ev.clientY - wrap.top) + "px";
   $("cell-detail").textContent = "Area " + c.cell + (c.location ? " (your location)" : "") + ": " + describe(p);
   $("cell-detail").dataset.time = String(state.mapTime);
 }
 
 function hideTip() { $("tooltip").hidden = true; }
+// A tooltip placed for one window width must not hang off a narrower one.
+window.addEventListener("resize", hideTip);
 
 function renderLegend(max) {
   const lg = $("legend");
