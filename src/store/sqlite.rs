@@ -995,6 +995,27 @@ impl SqliteWriter {
     }
 }
 
+/// Inserts released counts with `insert` (`INSERT INTO <table> (<period>, cell, noisy,
+/// suppressed) `), in multi-row statements: a 100k-cell release is a few hundred statements,
+/// not 100k. Shared by the hourly and the daily release.
+pub(crate) async fn insert_counts(
+    conn: &mut SqliteConnection,
+    insert: &'static str,
+    counts: &[ReleasedCount],
+) -> Result<(), sqlx::Error> {
+    for chunk in counts.chunks(500) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(insert);
+        q.push_values(chunk, |mut row, c| {
+            row.push_bind(c.bucket.millis())
+                .push_bind(c.cell as i64)
+                .push_bind(c.noisy)
+                .push_bind(i64::from(c.suppressed));
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Runs one fixed statement (transaction control) on the writer.
 async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(sql).execute(conn).await.map(|_| ())
@@ -1234,19 +1255,12 @@ async fn apply_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteRes
                 // Already released (a retry, or another node): change nothing.
                 return Ok(WriteResult::Count(0));
             }
-            // Multi-row inserts: a 100k-cell release is a few hundred statements, not 100k.
-            for chunk in counts.chunks(500) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT INTO releases (bucket, cell, noisy, suppressed) ",
-                );
-                q.push_values(chunk, |mut row, c| {
-                    row.push_bind(c.bucket.millis())
-                        .push_bind(c.cell as i64)
-                        .push_bind(c.noisy)
-                        .push_bind(i64::from(c.suppressed));
-                });
-                q.build().execute(&mut *conn).await?;
-            }
+            insert_counts(
+                conn,
+                "INSERT INTO releases (bucket, cell, noisy, suppressed) ",
+                counts,
+            )
+            .await?;
             sqlx::query("DELETE FROM contributions WHERE bucket = ?")
                 .bind(entry.bucket.millis())
                 .execute(&mut *conn)

@@ -71,18 +71,12 @@ pub(super) async fn apply(
                 // Already released (a retry, or another node): change nothing.
                 return Ok(WriteResult::Count(0));
             }
-            for chunk in counts.chunks(500) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT INTO daily_releases (day, cell, noisy, suppressed) ",
-                );
-                q.push_values(chunk, |mut row, c| {
-                    row.push_bind(c.bucket.millis())
-                        .push_bind(c.cell as i64)
-                        .push_bind(c.noisy)
-                        .push_bind(i64::from(c.suppressed));
-                });
-                q.build().execute(&mut *conn).await?;
-            }
+            super::insert_counts(
+                conn,
+                "INSERT INTO daily_releases (day, cell, noisy, suppressed) ",
+                counts,
+            )
+            .await?;
             sqlx::query("DELETE FROM daily_contributions WHERE day <= ?")
                 .bind(entry.bucket.millis())
                 .execute(&mut *conn)
