@@ -7,7 +7,7 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use harness::*;
 use hexveil::api::pb;
@@ -223,7 +223,6 @@ async fn kill_9_loses_no_acknowledged_fact_and_grants_no_extra_offer() {
     // Once the new dwell has run, the offer comes, once.
     let wait = (first_after + 11_200 - now_ms()).max(0) as u64;
     tokio::time::sleep(Duration::from_millis(wait)).await;
-    let started = Instant::now();
     let r = report(&ch, d, here, now_ms()).await;
     assert_eq!(r.reason, pb::NoOfferReason::None as i32, "{r:?}");
     assert_eq!(
@@ -236,7 +235,6 @@ async fn kill_9_loses_no_acknowledged_fact_and_grants_no_extra_offer() {
         report(&ch, m, here, now_ms()).await.reason,
         pb::NoOfferReason::MinInterval as i32
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
