@@ -76,8 +76,8 @@ struct RunArgs {
     rounds: u32,
     #[arg(long, value_enum, default_value_t = Mode::Both)]
     mode: Mode,
-    /// After the unary rounds, also measure hexveil's latency at half its measured maximum
-    /// (open loop, fixed rate).
+    /// After the unary rounds, also measure latency at half of hexveil's measured maximum
+    /// (open loop, fixed rate), on both servers at the same rate, `rounds` rounds each.
     #[arg(long)]
     half_load: bool,
     /// The hexveil binary (default: `hexveil` next to this one).
@@ -360,24 +360,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut half = None;
+    let mut half = Vec::new();
+    let mut half_rate = 0.0;
     if args.half_load && modes.contains(&Mode::Unary) {
-        let max = report::median_rate(&rounds, "unary", "hexveil");
-        let rate = max / 2.0;
-        let stats = fleet::paced(&hex_ch, &phones, rate, duration).await;
-        let r = report::Round {
-            mode: "half-load",
-            round: 1,
-            target: "hexveil",
-            stats,
-            rss: hexveil.rss_bytes(),
-        };
-        if !args.json {
-            report::print_round(&r);
+        // The same offered rate on both servers: the baseline's latency at that rate is the
+        // share of the client, the transport and the machine; the rest is hexveil's.
+        half_rate = report::median_rate(&rounds, "unary", "hexveil") / 2.0;
+        for round in 1..=args.rounds {
+            for (target, ch) in [("baseline", &base_ch), ("hexveil", &hex_ch)] {
+                let stats = fleet::paced(ch, &phones, half_rate, duration).await;
+                let rss = if target == "hexveil" {
+                    hexveil.rss_bytes()
+                } else {
+                    base.rss_bytes()
+                };
+                let r = report::Round {
+                    mode: "half-load",
+                    round,
+                    target,
+                    stats,
+                    rss,
+                };
+                if !args.json {
+                    report::print_round(&r);
+                }
+                half.push(r);
+            }
         }
-        half = Some((rate, r));
     }
-    let summary = report::Summary::new(&args_desc(&args), &rounds, half.as_ref());
+    let summary = report::Summary::new(&args_desc(&args), &rounds, half_rate, &half);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary.json())?);
     } else {
