@@ -26,25 +26,36 @@ fn percentiles(s: &Stats) -> Option<[f64; 4]> {
     quantiles(&s.latency)
 }
 
-/// `target`'s half-load rounds pooled: requests done per second (median over the rounds) and
-/// the latency histogram of all their requests together.
-fn pooled(half: &[Round], target: &str) -> Option<(f64, Histogram<u64>)> {
+/// `target`'s half-load rounds pooled: requests done per second (median over the rounds), and
+/// the latency and send-lag histograms of all their requests together.
+fn pooled(half: &[Round], target: &str) -> Option<(f64, Histogram<u64>, Histogram<u64>)> {
     let mine: Vec<&Round> = half.iter().filter(|r| r.target == target).collect();
     let first = mine.first()?;
-    let mut h = first.stats.latency.clone();
+    let (mut h, mut lag) = (first.stats.latency.clone(), first.stats.lag.clone());
     for r in &mine[1..] {
-        // Unwrap safety: every round's histogram has the same auto-resizing configuration.
+        // Unwrap safety: every round's histograms have the same auto-resizing configuration.
         h.add(&r.stats.latency).expect("same precision");
+        lag.add(&r.stats.lag).expect("same precision");
     }
-    Some((median_rate(half, "half-load", target), h))
+    Some((median_rate(half, "half-load", target), h, lag))
 }
 
 fn codes(s: &Stats) -> String {
-    s.codes
+    let codes = s
+        .codes
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    match lag_p99(&s.lag) {
+        Some(lag) => format!("{codes}  send lag p99 {lag:.2} ms"),
+        None => codes,
+    }
+}
+
+/// p99 of an open-loop round's send lag (none for closed-loop rounds).
+fn lag_p99(h: &Histogram<u64>) -> Option<f64> {
+    (!h.is_empty()).then(|| ms(h.value_at_quantile(0.99)))
 }
 
 /// Prints one round as a table row.
@@ -125,12 +136,15 @@ impl<'a> Summary<'a> {
                 self.half_rate
             );
             for target in ["baseline", "hexveil"] {
-                if let Some((done, h)) = pooled(self.half, target)
+                if let Some((done, h, lag)) = pooled(self.half, target)
                     && let Some(p) = quantiles(&h)
                 {
                     println!(
-                        "  {target:<8} {done:>8.0}/s done  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
-                        p[0], p[2], p[3]
+                        "  {target:<8} {done:>8.0}/s done  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  (send lag p99 {:.2} ms)",
+                        p[0],
+                        p[2],
+                        p[3],
+                        lag_p99(&lag).unwrap_or(0.0)
                     );
                 }
             }
@@ -155,6 +169,7 @@ impl<'a> Summary<'a> {
                     "p90_ms": p.map(|p| p[1]),
                     "p99_ms": p.map(|p| p[2]),
                     "p999_ms": p.map(|p| p[3]),
+                    "send_lag_p99_ms": lag_p99(&r.stats.lag),
                     "codes": r.stats.codes,
                     "offers": r.stats.offers,
                     "rss_bytes": r.rss,
@@ -181,13 +196,14 @@ impl<'a> Summary<'a> {
                 let mut out = serde_json::Map::new();
                 out.insert("offered_per_second".into(), self.half_rate.into());
                 for target in ["baseline", "hexveil"] {
-                    if let Some((done, h)) = pooled(self.half, target) {
+                    if let Some((done, h, lag)) = pooled(self.half, target) {
                         let p = quantiles(&h);
                         out.insert(target.into(), serde_json::json!({
                             "per_second": done,
                             "p50_ms": p.map(|p| p[0]),
                             "p99_ms": p.map(|p| p[2]),
                             "p999_ms": p.map(|p| p[3]),
+                            "send_lag_p99_ms": lag_p99(&lag),
                         }));
                     }
                 }
