@@ -145,20 +145,37 @@ impl Stats {
 }
 
 /// Splits the fleet into `parts` disjoint shares, so no phone is driven by two tasks at once
-/// (a phone sends one report at a time, as a real one does).
-fn shares(phones: &[Phone], parts: usize) -> Vec<Vec<Phone>> {
+/// (a phone sends one report at a time, as a real one does); phone `i` goes to share
+/// `i % parts`. The phones are moved out: [`unshare`] puts them back after the round.
+fn shares(phones: &mut Vec<Phone>, parts: usize) -> Vec<Vec<Phone>> {
     let mut out = vec![Vec::new(); parts];
-    for (i, p) in phones.iter().enumerate() {
-        out[i % parts].push(p.clone());
+    for (i, p) in std::mem::take(phones).into_iter().enumerate() {
+        out[i % parts].push(p);
     }
     out
+}
+
+/// Puts the shares `(index, phones)` of a round back into `phones`, in the order [`shares`]
+/// took them, so the fleet goes on from where the round left it: a phone that moved stays
+/// where it went (a fresh copy each round would teleport every moved phone back home, and
+/// each of those jumps is a cell change the server must write durably).
+fn unshare(phones: &mut Vec<Phone>, mut parts: Vec<(usize, Vec<Phone>)>) {
+    parts.sort_by_key(|(i, _)| *i);
+    let n = parts.len();
+    let total: usize = parts.iter().map(|(_, p)| p.len()).sum();
+    let mut iters: Vec<_> = parts.into_iter().map(|(_, p)| p.into_iter()).collect();
+    phones.clear();
+    for i in 0..total {
+        // Unwrap safety: share `i % n` holds exactly the phones whose index is `i` mod `n`.
+        phones.push(iters[i % n].next().expect("share sizes follow shares()"));
+    }
 }
 
 /// `concurrency` tasks over `channels` connections, each sending one unary report at a time,
 /// for `duration`.
 pub async fn unary(
     channels: &[Channel],
-    phones: &[Phone],
+    phones: &mut Vec<Phone>,
     concurrency: usize,
     duration: Duration,
 ) -> Stats {
@@ -181,38 +198,45 @@ pub async fn unary(
                     Err(s) => stats.record(started, Err(s.code())),
                 }
             }
-            stats
+            (i, share, stats)
         });
     }
-    collect(tasks, stop, duration).await
+    collect(tasks, stop, duration, phones).await
 }
 
 /// `streams` StreamPresence calls over `channels` connections, each kept full, for
 /// `duration`; counts replies.
 pub async fn stream(
     channels: &[Channel],
-    phones: &[Phone],
+    phones: &mut Vec<Phone>,
     streams: usize,
     duration: Duration,
 ) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, mut share) in shares(phones, streams).into_iter().enumerate() {
+    for (i, share) in shares(phones, streams).into_iter().enumerate() {
         let mut client = PresenceServiceClient::new(channels[i % channels.len()].clone());
         let stop = stop.clone();
         tasks.spawn(async move {
             let mut stats = Stats::new();
             if share.is_empty() {
-                return stats;
+                return (i, share, stats);
             }
             let stop_send = stop.clone();
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::ReportPresenceRequest>(1024);
+            // The sender is aborted at the end; the share stays reachable from here. The lock
+            // is never held across an await.
+            let fleet = Arc::new(std::sync::Mutex::new(share));
+            let sending = fleet.clone();
             let sender = tokio::spawn(async move {
                 let mut rng = SmallRng::seed_from_u64(1_000 + i as u64);
                 let mut k = 0;
                 while !stop_send.load(Ordering::Relaxed) {
-                    let n = share.len();
-                    let req = share[k % n].next(&mut rng);
+                    let req = {
+                        let mut share = sending.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = share.len();
+                        share[k % n].next(&mut rng)
+                    };
                     k += 1;
                     if tx.send(req).await.is_err() {
                         break;
@@ -241,12 +265,14 @@ pub async fn stream(
                 Err(s) => stats.record(started, Err(s.code())),
             }
             sender.abort();
+            let _ = sender.await;
             // Stream latency is not per message; keep only counts.
             stats.latency.reset();
-            stats
+            let share = std::mem::take(&mut *fleet.lock().unwrap_or_else(|p| p.into_inner()));
+            (i, share, stats)
         });
     }
-    collect(tasks, stop, duration).await
+    collect(tasks, stop, duration, phones).await
 }
 
 /// Reports at a fixed `rate` per second for `duration` (open loop). Request `k` is due at
@@ -258,7 +284,12 @@ pub async fn stream(
 /// no task per request, and no limit on requests in flight, so a slow server cannot slow the
 /// schedule down. Each request's send lag (when it went out − when it was due: the client's
 /// own share of the latency, mostly tokio's millisecond timer) is kept apart in `Stats::lag`.
-pub async fn paced(channels: &[Channel], phones: &[Phone], rate: f64, duration: Duration) -> Stats {
+pub async fn paced(
+    channels: &[Channel],
+    phones: &mut Vec<Phone>,
+    rate: f64,
+    duration: Duration,
+) -> Stats {
     let rate = rate.max(1.0);
     let total = (duration.as_secs_f64() * rate).floor().max(1.0) as u64;
     let lanes = channels.len() as u64;
@@ -269,7 +300,7 @@ pub async fn paced(channels: &[Channel], phones: &[Phone], rate: f64, duration: 
         tasks.spawn(async move {
             let mut stats = Stats::new();
             if share.is_empty() {
-                return stats;
+                return (lane, share, stats);
             }
             let due = |k: u64| started + Duration::from_secs_f64(k as f64 / rate);
             let mut rng = SmallRng::seed_from_u64(7 + lane as u64);
@@ -305,15 +336,18 @@ pub async fn paced(channels: &[Channel], phones: &[Phone], rate: f64, duration: 
                     () = &mut timer, if next < total => {}
                 }
             }
-            stats
+            (lane, share, stats)
         });
     }
     let mut total_stats = Stats::new();
+    let mut parts = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        if let Ok(s) = done {
-            total_stats.merge(s);
-        }
+        // Unwrap safety: the round's tasks do not panic; a panic is a bug to see.
+        let (i, share, s) = done.expect("a paced lane panicked");
+        total_stats.merge(s);
+        parts.push((i, share));
     }
+    unshare(phones, parts);
     // The schedule's length: requests done per second is the rate the server kept up with.
     total_stats.elapsed = duration;
     total_stats
@@ -323,21 +357,27 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().max(1) as u64
 }
 
+/// Lets the round's tasks run for `duration`, stops them, merges their stats and puts the
+/// fleet back together.
 async fn collect(
-    mut tasks: tokio::task::JoinSet<Stats>,
+    mut tasks: tokio::task::JoinSet<(usize, Vec<Phone>, Stats)>,
     stop: Arc<AtomicBool>,
     duration: Duration,
+    phones: &mut Vec<Phone>,
 ) -> Stats {
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let mut total = Stats::new();
+    let mut parts = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        if let Ok(s) = done {
-            total.merge(s);
-        }
+        // Unwrap safety: the round's tasks do not panic; a panic is a bug to see.
+        let (i, share, s) = done.expect("a fleet task panicked");
+        total.merge(s);
+        parts.push((i, share));
     }
+    unshare(phones, parts);
     total.elapsed = elapsed;
     total
 }

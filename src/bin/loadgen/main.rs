@@ -329,13 +329,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ => &[Mode::Stream],
         },
     };
+    // One fleet per server, carried from round to round: each server sees one fleet whose
+    // phones go on from where they were.
+    let mut fleets = [phones.clone(), phones];
     let mut rounds = Vec::new();
     for &mode in modes {
         for round in 1..=args.rounds {
-            for (target, ch) in [("baseline", &base_ch), ("hexveil", &hex_ch)] {
+            for (target, ch, fleet) in targets(&base_ch, &hex_ch, &mut fleets) {
                 let stats = match mode {
-                    Mode::Unary => fleet::unary(ch, &phones, args.concurrency, duration).await,
-                    _ => fleet::stream(ch, &phones, args.streams, duration).await,
+                    Mode::Unary => fleet::unary(ch, fleet, args.concurrency, duration).await,
+                    _ => fleet::stream(ch, fleet, args.streams, duration).await,
                 };
                 let rss = if target == "hexveil" {
                     hexveil.rss_bytes()
@@ -367,8 +370,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // share of the client, the transport and the machine; the rest is hexveil's.
         half_rate = report::median_rate(&rounds, "unary", "hexveil") / 2.0;
         for round in 1..=args.rounds {
-            for (target, ch) in [("baseline", &base_ch), ("hexveil", &hex_ch)] {
-                let stats = fleet::paced(ch, &phones, half_rate, duration).await;
+            for (target, ch, fleet) in targets(&base_ch, &hex_ch, &mut fleets) {
+                let stats = fleet::paced(ch, fleet, half_rate, duration).await;
                 let rss = if target == "hexveil" {
                     hexveil.rss_bytes()
                 } else {
@@ -395,6 +398,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         summary.print();
     }
     Ok(())
+}
+
+/// The two servers of a run, in the order each round visits them, with their fleets.
+fn targets<'a>(
+    base: &'a [Channel],
+    hex: &'a [Channel],
+    fleets: &'a mut [Vec<fleet::Phone>; 2],
+) -> [(&'static str, &'a [Channel], &'a mut Vec<fleet::Phone>); 2] {
+    let [b, h] = fleets;
+    [("baseline", base, b), ("hexveil", hex, h)]
 }
 
 fn args_desc(a: &RunArgs) -> String {
