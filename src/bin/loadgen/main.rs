@@ -194,7 +194,11 @@ fn start_hexveil(args: &RunArgs, dir: &Path) -> anyhow::Result<(Server, String)>
             &std::fs::read_to_string(extra).with_context(|| extra.display().to_string())?,
         );
     }
-    let config = dir.join("loadgen.toml");
+    // Not in the data dir: the server watches its config file's directory, and every commit
+    // changes the write-ahead log there (an inotify event per commit to wake for and drop).
+    let config_dir = dir.join("config");
+    std::fs::create_dir_all(&config_dir)?;
+    let config = config_dir.join("loadgen.toml");
     std::fs::write(&config, toml)?;
     let store = format!("sqlite://{}/hexveil.db", dir.display());
     let mut cmd = Command::new(hexveil_bin(args)?);
