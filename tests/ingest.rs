@@ -254,13 +254,19 @@ fn a_short_loadgen_run_against_both_servers_has_no_error() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["errors"], 0, "{report:#}");
     let rounds = report["rounds"].as_array().unwrap();
-    // unary and stream, baseline and hexveil, plus the half-load round.
-    assert_eq!(rounds.len(), 5, "{report:#}");
+    // unary, stream and half load, each on baseline and hexveil.
+    assert_eq!(rounds.len(), 6, "{report:#}");
     for r in rounds {
         assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
     }
     for mode in ["unary", "stream"] {
         let ratio = report["summary"][mode]["ratio"].as_f64().unwrap();
         assert!(ratio > 0.0, "{mode}: {ratio}");
+    }
+    // Both servers took the half load, and each has its tail measured.
+    for target in ["baseline", "hexveil"] {
+        let half = &report["half_load"][target];
+        assert!(half["per_second"].as_f64().unwrap() > 0.0, "{half}");
+        assert!(half["p99_ms"].as_f64().unwrap() > 0.0, "{half}");
     }
 }

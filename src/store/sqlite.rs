@@ -139,7 +139,17 @@ impl SqliteStore {
             min_free_bytes,
             _sentinel: sentinel,
         };
-        tokio::spawn(group_commit::run(writer, rx, health));
+        // The writer drives its statements from its own thread: on the server's runtime, every
+        // statement's answer from sqlx's SQLite worker waited in the run queue behind request
+        // work, which stretched each commit (and every durable reply) under load.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot start the writer's runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("hexveil-writer".into())
+            .spawn(move || runtime.block_on(group_commit::run(writer, rx, health)))
+            .map_err(|e| StoreError::Config(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore { readers })
     }
 

@@ -76,8 +76,8 @@ struct RunArgs {
     rounds: u32,
     #[arg(long, value_enum, default_value_t = Mode::Both)]
     mode: Mode,
-    /// After the unary rounds, also measure hexveil's latency at half its measured maximum
-    /// (open loop, fixed rate).
+    /// After the unary rounds, also measure latency at half of hexveil's measured maximum
+    /// (open loop, fixed rate), on both servers at the same rate, `rounds` rounds each.
     #[arg(long)]
     half_load: bool,
     /// The hexveil binary (default: `hexveil` next to this one).
@@ -194,7 +194,11 @@ fn start_hexveil(args: &RunArgs, dir: &Path) -> anyhow::Result<(Server, String)>
             &std::fs::read_to_string(extra).with_context(|| extra.display().to_string())?,
         );
     }
-    let config = dir.join("loadgen.toml");
+    // Not in the data dir: the server watches its config file's directory, and every commit
+    // changes the write-ahead log there (an inotify event per commit to wake for and drop).
+    let config_dir = dir.join("config");
+    std::fs::create_dir_all(&config_dir)?;
+    let config = config_dir.join("loadgen.toml");
     std::fs::write(&config, toml)?;
     let store = format!("sqlite://{}/hexveil.db", dir.display());
     let mut cmd = Command::new(hexveil_bin(args)?);
@@ -329,13 +333,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ => &[Mode::Stream],
         },
     };
+    // One fleet per server, carried from round to round: each server sees one fleet whose
+    // phones go on from where they were.
+    let mut fleets = [phones.clone(), phones];
     let mut rounds = Vec::new();
     for &mode in modes {
         for round in 1..=args.rounds {
-            for (target, ch) in [("baseline", &base_ch), ("hexveil", &hex_ch)] {
+            for (target, ch, fleet) in targets(&base_ch, &hex_ch, &mut fleets) {
                 let stats = match mode {
-                    Mode::Unary => fleet::unary(ch, &phones, args.concurrency, duration).await,
-                    _ => fleet::stream(ch, &phones, args.streams, duration).await,
+                    Mode::Unary => fleet::unary(ch, fleet, args.concurrency, duration).await,
+                    _ => fleet::stream(ch, fleet, args.streams, duration).await,
                 };
                 let rss = if target == "hexveil" {
                     hexveil.rss_bytes()
@@ -360,30 +367,51 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut half = None;
+    let mut half = Vec::new();
+    let mut half_rate = 0.0;
     if args.half_load && modes.contains(&Mode::Unary) {
-        let max = report::median_rate(&rounds, "unary", "hexveil");
-        let rate = max / 2.0;
-        let stats = fleet::paced(&hex_ch, &phones, rate, duration).await;
-        let r = report::Round {
-            mode: "half-load",
-            round: 1,
-            target: "hexveil",
-            stats,
-            rss: hexveil.rss_bytes(),
-        };
-        if !args.json {
-            report::print_round(&r);
+        // The same offered rate on both servers: the baseline's latency at that rate is the
+        // share of the client, the transport and the machine; the rest is hexveil's.
+        half_rate = report::median_rate(&rounds, "unary", "hexveil") / 2.0;
+        for round in 1..=args.rounds {
+            for (target, ch, fleet) in targets(&base_ch, &hex_ch, &mut fleets) {
+                let stats = fleet::paced(ch, fleet, half_rate, duration).await;
+                let rss = if target == "hexveil" {
+                    hexveil.rss_bytes()
+                } else {
+                    base.rss_bytes()
+                };
+                let r = report::Round {
+                    mode: "half-load",
+                    round,
+                    target,
+                    stats,
+                    rss,
+                };
+                if !args.json {
+                    report::print_round(&r);
+                }
+                half.push(r);
+            }
         }
-        half = Some((rate, r));
     }
-    let summary = report::Summary::new(&args_desc(&args), &rounds, half.as_ref());
+    let summary = report::Summary::new(&args_desc(&args), &rounds, half_rate, &half);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary.json())?);
     } else {
         summary.print();
     }
     Ok(())
+}
+
+/// The two servers of a run, in the order each round visits them, with their fleets.
+fn targets<'a>(
+    base: &'a [Channel],
+    hex: &'a [Channel],
+    fleets: &'a mut [Vec<fleet::Phone>; 2],
+) -> [(&'static str, &'a [Channel], &'a mut Vec<fleet::Phone>); 2] {
+    let [b, h] = fleets;
+    [("baseline", base, b), ("hexveil", hex, h)]
 }
 
 fn args_desc(a: &RunArgs) -> String {

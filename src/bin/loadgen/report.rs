@@ -1,6 +1,8 @@
 //! What a run prints: one line per round as it ends, then a summary with hexveil ÷ baseline
 //! (medians over the rounds, measured in the same run), or one JSON document.
 
+use hdrhistogram::Histogram;
+
 use crate::fleet::Stats;
 
 /// One measured round.
@@ -16,17 +18,44 @@ fn ms(micros: u64) -> f64 {
     micros as f64 / 1000.0
 }
 
+fn quantiles(h: &Histogram<u64>) -> Option<[f64; 4]> {
+    (!h.is_empty()).then(|| [50.0, 90.0, 99.0, 99.9].map(|q| ms(h.value_at_quantile(q / 100.0))))
+}
+
 fn percentiles(s: &Stats) -> Option<[f64; 4]> {
-    (!s.latency.is_empty())
-        .then(|| [50.0, 90.0, 99.0, 99.9].map(|q| ms(s.latency.value_at_quantile(q / 100.0))))
+    quantiles(&s.latency)
+}
+
+/// `target`'s half-load rounds pooled: requests done per second (median over the rounds), and
+/// the latency and send-lag histograms of all their requests together.
+fn pooled(half: &[Round], target: &str) -> Option<(f64, Histogram<u64>, Histogram<u64>)> {
+    let mine: Vec<&Round> = half.iter().filter(|r| r.target == target).collect();
+    let first = mine.first()?;
+    let (mut h, mut lag) = (first.stats.latency.clone(), first.stats.lag.clone());
+    for r in &mine[1..] {
+        // Unwrap safety: every round's histograms have the same auto-resizing configuration.
+        h.add(&r.stats.latency).expect("same precision");
+        lag.add(&r.stats.lag).expect("same precision");
+    }
+    Some((median_rate(half, "half-load", target), h, lag))
 }
 
 fn codes(s: &Stats) -> String {
-    s.codes
+    let codes = s
+        .codes
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    match lag_p99(&s.lag) {
+        Some(lag) => format!("{codes}  send lag p99 {lag:.2} ms"),
+        None => codes,
+    }
+}
+
+/// p99 of an open-loop round's send lag (none for closed-loop rounds).
+fn lag_p99(h: &Histogram<u64>) -> Option<f64> {
+    (!h.is_empty()).then(|| ms(h.value_at_quantile(0.99)))
 }
 
 /// Prints one round as a table row.
@@ -60,14 +89,18 @@ pub fn median_rate(rounds: &[Round], mode: &str, target: &str) -> f64 {
 pub struct Summary<'a> {
     desc: String,
     rounds: &'a [Round],
-    half: Option<&'a (f64, Round)>,
+    /// The offered rate of the half-load rounds (requests/s).
+    half_rate: f64,
+    /// The half-load rounds, both targets.
+    half: &'a [Round],
 }
 
 impl<'a> Summary<'a> {
-    pub fn new(desc: &str, rounds: &'a [Round], half: Option<&'a (f64, Round)>) -> Self {
+    pub fn new(desc: &str, rounds: &'a [Round], half_rate: f64, half: &'a [Round]) -> Self {
         Summary {
             desc: desc.to_string(),
             rounds,
+            half_rate,
             half,
         }
     }
@@ -79,8 +112,11 @@ impl<'a> Summary<'a> {
     }
 
     fn errors(&self) -> u64 {
-        self.rounds.iter().map(|r| r.stats.errors()).sum::<u64>()
-            + self.half.map(|(_, r)| r.stats.errors()).unwrap_or(0)
+        self.rounds
+            .iter()
+            .chain(self.half)
+            .map(|r| r.stats.errors())
+            .sum()
     }
 
     pub fn print(&self) {
@@ -94,16 +130,24 @@ impl<'a> Summary<'a> {
             let h = median_rate(self.rounds, mode, "hexveil");
             println!("{mode:<8} {b:>14.0} {h:>14.0} {:>8.2}", h / b.max(1e-9));
         }
-        if let Some((rate, r)) = self.half
-            && let Some(p) = percentiles(&r.stats)
-        {
+        if !self.half.is_empty() {
             println!(
-                "half load: {rate:.0}/s offered, {:.0}/s done, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
-                r.stats.rate(),
-                p[0],
-                p[2],
-                p[3]
+                "half load: {:.0}/s offered to each, latency from the scheduled send, rounds pooled",
+                self.half_rate
             );
+            for target in ["baseline", "hexveil"] {
+                if let Some((done, h, lag)) = pooled(self.half, target)
+                    && let Some(p) = quantiles(&h)
+                {
+                    println!(
+                        "  {target:<8} {done:>8.0}/s done  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  (send lag p99 {:.2} ms)",
+                        p[0],
+                        p[2],
+                        p[3],
+                        lag_p99(&lag).unwrap_or(0.0)
+                    );
+                }
+            }
         }
         println!("errors: {}", self.errors());
     }
@@ -112,7 +156,7 @@ impl<'a> Summary<'a> {
         let rounds: Vec<serde_json::Value> = self
             .rounds
             .iter()
-            .chain(self.half.map(|(_, r)| r))
+            .chain(self.half)
             .map(|r| {
                 let p = percentiles(&r.stats);
                 serde_json::json!({
@@ -125,6 +169,7 @@ impl<'a> Summary<'a> {
                     "p90_ms": p.map(|p| p[1]),
                     "p99_ms": p.map(|p| p[2]),
                     "p999_ms": p.map(|p| p[3]),
+                    "send_lag_p99_ms": lag_p99(&r.stats.lag),
                     "codes": r.stats.codes,
                     "offers": r.stats.offers,
                     "rss_bytes": r.rss,
@@ -147,11 +192,23 @@ impl<'a> Summary<'a> {
             "run": self.desc,
             "rounds": rounds,
             "summary": ratios,
-            "half_load": self.half.map(|(rate, r)| serde_json::json!({
-                "offered_per_second": rate,
-                "per_second": r.stats.rate(),
-                "p99_ms": percentiles(&r.stats).map(|p| p[2]),
-            })),
+            "half_load": (!self.half.is_empty()).then(|| {
+                let mut out = serde_json::Map::new();
+                out.insert("offered_per_second".into(), self.half_rate.into());
+                for target in ["baseline", "hexveil"] {
+                    if let Some((done, h, lag)) = pooled(self.half, target) {
+                        let p = quantiles(&h);
+                        out.insert(target.into(), serde_json::json!({
+                            "per_second": done,
+                            "p50_ms": p.map(|p| p[0]),
+                            "p99_ms": p.map(|p| p[2]),
+                            "p999_ms": p.map(|p| p[3]),
+                            "send_lag_p99_ms": lag_p99(&lag),
+                        }));
+                    }
+                }
+                out
+            }),
             "errors": self.errors(),
         })
     }
