@@ -4,7 +4,8 @@
 use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
 
-use super::{SqliteStore, device_id, opt_ts};
+use super::SqliteStore;
+use super::rows::{device_id, opt_ts};
 use crate::clock::Timestamp;
 use crate::model::{LedgerEntry, Purpose, ReleasedCount};
 use crate::pseudonym::DeviceId;
@@ -71,7 +72,7 @@ pub(super) async fn apply(
                 // Already released (a retry, or another node): change nothing.
                 return Ok(WriteResult::Count(0));
             }
-            super::insert_counts(
+            super::writes::insert_counts(
                 conn,
                 "INSERT INTO daily_releases (day, cell, noisy, suppressed) ",
                 counts,

@@ -3,8 +3,16 @@
 
 use std::str::FromStr;
 
-use super::*;
-use crate::model::Purposes;
+use sqlx::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+
+use super::migrator;
+use super::writer::{FileSet, SqliteWriter};
+use crate::clock::Timestamp;
+use crate::model::{ConsentReceipt, Merchant, Purposes};
+use crate::pseudonym::DeviceId;
+use crate::store::group_commit::BatchWriter;
+use crate::store::{StoreError, WriteOp, WriteResult};
 
 async fn writer(dir: &std::path::Path) -> SqliteWriter {
     let path = dir.join("hexveil.db");
