@@ -1,11 +1,16 @@
-//! The writes: what each [`WriteOp`] does inside the writer's transaction.
+//! The writes: what each [`WriteOp`] does inside the writer's transaction, one function per
+//! variant; [`apply_one`] only dispatches.
 
 use sqlx::sqlite::SqliteConnection;
 
 use super::daily;
 use super::rows::encode_hours;
 use crate::clock::Timestamp;
-use crate::model::{Notification, Purpose, ReleasedCount};
+use crate::model::{
+    ConsentReceipt, Dwell, Feedback, LedgerEntry, Merchant, MerchantId, Notification, Offer,
+    OfferId, OfferStatRow, OfferStatsLedgerEntry, Purpose, ReleasedCount, Restriction,
+};
+use crate::pseudonym::DeviceId;
 use crate::store::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, WriteOp, WriteResult};
 
 pub(super) async fn apply_one(
@@ -13,195 +18,18 @@ pub(super) async fn apply_one(
     op: &WriteOp,
 ) -> Result<WriteResult, sqlx::Error> {
     match op {
-        WriteOp::PutConsent { receipt, now } => {
-            let device = &receipt.device.0[..];
-            sqlx::query(
-                "INSERT INTO devices (device, created_at, last_activity, purposes) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (device) DO UPDATE SET last_activity = excluded.last_activity,
-                   purposes = excluded.purposes",
-            )
-            .bind(device)
-            .bind(now.millis())
-            .bind(now.millis())
-            .bind(i64::from(receipt.purposes.bits()))
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "INSERT INTO consent_receipts
-                   (receipt_id, device, purposes, granted_at, policy_version, controller)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&receipt.receipt_id)
-            .bind(device)
-            .bind(i64::from(receipt.purposes.bits()))
-            .bind(receipt.granted_at.millis())
-            .bind(&receipt.policy_version)
-            .bind(&receipt.controller)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "DELETE FROM consent_receipts WHERE device = ? AND seq NOT IN
-                   (SELECT seq FROM consent_receipts WHERE device = ? ORDER BY seq DESC LIMIT ?)",
-            )
-            .bind(device)
-            .bind(device)
-            .bind(RECEIPTS_KEPT)
-            .execute(&mut *conn)
-            .await?;
-            Ok(WriteResult::Done)
-        }
-        WriteOp::EraseDevice { device } => {
-            let mut erased = 0;
-            for sql in [
-                "DELETE FROM consent_receipts WHERE device = ?",
-                "DELETE FROM contributions WHERE device = ?",
-                "DELETE FROM contribution_spend WHERE device = ?",
-                "DELETE FROM daily_contributions WHERE device = ?",
-                "DELETE FROM notifications WHERE device = ?",
-                "DELETE FROM restrictions WHERE device = ?",
-                "DELETE FROM devices WHERE device = ?",
-            ] {
-                erased += sqlx::query(sql)
-                    .bind(&device.0[..])
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-            }
-            Ok(WriteResult::Count(erased))
-        }
-        WriteOp::Touch { device, at } => {
-            sqlx::query(
-                "UPDATE devices SET last_activity = MAX(last_activity, ?) WHERE device = ?",
-            )
-            .bind(at.millis())
-            .bind(&device.0[..])
-            .execute(&mut *conn)
-            .await?;
-            Ok(WriteResult::Done)
-        }
-        WriteOp::ExpireIdle { cutoff } => {
-            for table in [
-                "consent_receipts",
-                "contributions",
-                "contribution_spend",
-                "daily_contributions",
-                "notifications",
-                "restrictions",
-            ] {
-                let sql = format!(
-                    "DELETE FROM {table} WHERE device IN
-                       (SELECT device FROM devices WHERE last_activity < ?)"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(cutoff.millis())
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            let n = sqlx::query("DELETE FROM devices WHERE last_activity < ?")
-                .bind(cutoff.millis())
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            Ok(WriteResult::Count(n))
-        }
-        WriteOp::Many(ops) => {
-            // Yields the sum of its parts' counts (e.g. notifications recorded), if any count.
-            let mut total = None;
-            for op in ops {
-                if let WriteResult::Count(n) = Box::pin(apply_one(&mut *conn, op)).await? {
-                    *total.get_or_insert(0) += n;
-                }
-            }
-            Ok(total.map_or(WriteResult::Done, WriteResult::Count))
-        }
+        WriteOp::PutConsent { receipt, now } => put_consent(conn, receipt, now).await,
+        WriteOp::EraseDevice { device } => erase_device(conn, device).await,
+        WriteOp::Touch { device, at } => touch(conn, device, at).await,
+        WriteOp::ExpireIdle { cutoff } => expire_idle(conn, cutoff).await,
+        WriteOp::Many(ops) => many(conn, ops).await,
         WriteOp::Contribute {
             device,
             cell,
             bucket,
-        } => {
-            // Conditional on the device's consent in this very transaction: a contribution
-            // decided just before a withdrawal cannot outlive the erasure.
-            let added = sqlx::query(
-                "INSERT OR IGNORE INTO contributions (bucket, cell, device)
-                 SELECT ?, ?, ? WHERE EXISTS
-                   (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)",
-            )
-            .bind(bucket.millis())
-            .bind(*cell as i64)
-            .bind(&device.0[..])
-            .bind(&device.0[..])
-            .bind(i64::from(Purpose::FootTraffic.bit()))
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if added == 1 {
-                sqlx::query(
-                    "INSERT INTO contribution_spend (device, bucket, pairs) VALUES (?, ?, 1)
-                     ON CONFLICT (device, bucket) DO UPDATE SET pairs = pairs + 1",
-                )
-                .bind(&device.0[..])
-                .bind(bucket.millis())
-                .execute(&mut *conn)
-                .await?;
-            }
-            Ok(WriteResult::Done)
-        }
-        WriteOp::Release { entry, counts } => {
-            let inserted = sqlx::query(
-                "INSERT OR IGNORE INTO ledger (bucket, bucket_len_ms, released_at, mechanism, scale,
-                   rho, epsilon, l1_sensitivity, l2_sensitivity, threshold, cells)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(entry.bucket.millis())
-            .bind(entry.bucket_len_ms)
-            .bind(entry.released_at.millis())
-            .bind(&entry.mechanism)
-            .bind(entry.scale)
-            .bind(entry.rho)
-            .bind(entry.epsilon)
-            .bind(entry.l1_sensitivity)
-            .bind(entry.l2_sensitivity)
-            .bind(i64::from(entry.threshold))
-            .bind(entry.cells as i64)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                // Already released (a retry, or another node): change nothing.
-                return Ok(WriteResult::Count(0));
-            }
-            insert_counts(
-                conn,
-                "INSERT INTO releases (bucket, cell, noisy, suppressed) ",
-                counts,
-            )
-            .await?;
-            sqlx::query("DELETE FROM contributions WHERE bucket = ?")
-                .bind(entry.bucket.millis())
-                .execute(&mut *conn)
-                .await?;
-            // Spend that can no longer share a 24-hour window with a new contribution.
-            sqlx::query("DELETE FROM contribution_spend WHERE bucket <= ?")
-                .bind(entry.bucket.millis() - crate::privacy::contrib::WINDOW_MS)
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteResult::Count(1))
-        }
-        WriteOp::Presence { device, dwell, now } => {
-            sqlx::query(
-                "UPDATE devices SET cell = ?, cell_since = ?, cell_last_seen = ?, dwell_anchor = ?,
-                   last_activity = ? WHERE device = ?",
-            )
-            .bind(dwell.cell as i64)
-            .bind(dwell.since.millis())
-            .bind(dwell.last_seen.millis())
-            .bind(dwell.anchor as i64)
-            .bind(now.millis())
-            .bind(&device.0[..])
-            .execute(&mut *conn)
-            .await?;
-            Ok(WriteResult::Done)
-        }
+        } => contribute(conn, device, cell, bucket).await,
+        WriteOp::Release { entry, counts } => release(conn, entry, counts).await,
+        WriteOp::Presence { device, dwell, now } => presence(conn, device, dwell, now).await,
         WriteOp::Notify(n) => notify(conn, n, None).await,
         WriteOp::Deliver {
             notification,
@@ -213,151 +41,400 @@ pub(super) async fn apply_one(
             feedback,
             restriction,
             now,
-        } => {
-            sqlx::query(
-                "UPDATE notifications SET feedback = ? WHERE notification_id = ? AND device = ?",
-            )
-            .bind(feedback.as_str())
-            .bind(notification_id.to_string())
-            .bind(&device.0[..])
-            .execute(&mut *conn)
-            .await?;
-            if let Some(r) = restriction {
-                // Conditional on the device row: feedback decided just before a withdrawal
-                // cannot leave a restriction behind the erasure.
-                sqlx::query(
-                    "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
-                     SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?)
-                     ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
-                       dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
-                )
-                .bind(&r.device.0[..])
-                .bind(r.merchant_id.to_string())
-                .bind(i64::from(r.muted))
-                .bind(i64::from(r.dismissals))
-                .bind(r.backoff_until.map(Timestamp::millis))
-                .bind(&r.device.0[..])
-                .execute(&mut *conn)
-                .await?;
-            }
-            sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
-                .bind(now.millis())
-                .bind(&device.0[..])
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteResult::Done)
-        }
+        } => record_feedback(conn, device, notification_id, feedback, restriction, now).await,
         WriteOp::ContributeDay { .. } | WriteOp::ReleaseDay { .. } => daily::apply(conn, op).await,
-        WriteOp::ReleaseOfferStats { entry, rows } => {
-            let inserted = sqlx::query(
-                "INSERT OR IGNORE INTO offer_stats_ledger (day, released_at, mechanism, scale,
-                   rho, epsilon, l1_sensitivity, l2_sensitivity, offers)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(entry.day.millis())
-            .bind(entry.released_at.millis())
-            .bind(&entry.mechanism)
-            .bind(entry.scale)
-            .bind(entry.rho)
-            .bind(entry.epsilon)
-            .bind(entry.l1_sensitivity)
-            .bind(entry.l2_sensitivity)
-            .bind(entry.offers as i64)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                // Already released (a retry, or another node): change nothing.
-                return Ok(WriteResult::Count(0));
-            }
-            for chunk in rows.chunks(500) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT INTO offer_stats (day, offer_id, merchant_id, deliveries, opens) ",
-                );
-                q.push_values(chunk, |mut row, r| {
-                    row.push_bind(r.day.millis())
-                        .push_bind(r.offer_id.to_string())
-                        .push_bind(r.merchant_id.to_string())
-                        .push_bind(r.deliveries)
-                        .push_bind(r.opens);
-                });
-                q.build().execute(&mut *conn).await?;
-            }
-            Ok(WriteResult::Count(1))
-        }
-        WriteOp::PutMerchant(m) => {
-            sqlx::query(
-                "INSERT INTO merchants (merchant_id, name, key_hash, created_at, revoked_at)
-                 VALUES (?, ?, ?, ?, NULL)",
-            )
-            .bind(m.merchant_id.to_string())
-            .bind(&m.name)
-            .bind(&m.key_hash[..])
-            .bind(m.created_at.millis())
-            .execute(&mut *conn)
-            .await?;
-            for cell in &m.cells {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO merchant_cells (merchant_id, cell) VALUES (?, ?)",
-                )
-                .bind(m.merchant_id.to_string())
-                .bind(*cell as i64)
-                .execute(&mut *conn)
-                .await?;
-            }
-            Ok(WriteResult::Done)
-        }
-        WriteOp::RevokeMerchant { merchant_id, at } => {
-            let n = sqlx::query(
-                "UPDATE merchants SET revoked_at = ? WHERE merchant_id = ? AND revoked_at IS NULL",
-            )
-            .bind(at.millis())
-            .bind(merchant_id.to_string())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(WriteResult::Count(n))
-        }
-        WriteOp::PutOffer(o) => {
-            sqlx::query(
-                "INSERT INTO offers (offer_id, merchant_id, title, body, cell, radius_k, valid_from,
-                   valid_until, max_per_day, opening_hours, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (offer_id) DO UPDATE SET title = excluded.title, body = excluded.body,
-                   cell = excluded.cell, radius_k = excluded.radius_k,
-                   valid_from = excluded.valid_from, valid_until = excluded.valid_until,
-                   max_per_day = excluded.max_per_day, opening_hours = excluded.opening_hours,
-                   updated_at = excluded.updated_at
-                 WHERE offers.merchant_id = excluded.merchant_id",
-            )
-            .bind(o.offer_id.to_string())
-            .bind(o.merchant_id.to_string())
-            .bind(&o.title)
-            .bind(&o.body)
-            .bind(o.cell as i64)
-            .bind(i64::from(o.radius_k))
-            .bind(o.valid_from.millis())
-            .bind(o.valid_until.millis())
-            .bind(i64::from(o.max_notifications_per_day))
-            .bind(encode_hours(&o.opening_hours))
-            .bind(o.updated_at.millis())
-            .execute(&mut *conn)
-            .await?;
-            Ok(WriteResult::Done)
-        }
+        WriteOp::ReleaseOfferStats { entry, rows } => release_offer_stats(conn, entry, rows).await,
+        WriteOp::PutMerchant(m) => put_merchant(conn, m).await,
+        WriteOp::RevokeMerchant { merchant_id, at } => revoke_merchant(conn, merchant_id, at).await,
+        WriteOp::PutOffer(o) => put_offer(conn, o).await,
         WriteOp::DeleteOffer {
             merchant_id,
             offer_id,
-        } => {
-            let n = sqlx::query("DELETE FROM offers WHERE offer_id = ? AND merchant_id = ?")
-                .bind(offer_id.to_string())
-                .bind(merchant_id.to_string())
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            Ok(WriteResult::Count(n))
+        } => delete_offer(conn, merchant_id, offer_id).await,
+    }
+}
+
+async fn put_consent(
+    conn: &mut SqliteConnection,
+    receipt: &ConsentReceipt,
+    now: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    let device = &receipt.device.0[..];
+    sqlx::query(
+        "INSERT INTO devices (device, created_at, last_activity, purposes) VALUES (?, ?, ?, ?)
+         ON CONFLICT (device) DO UPDATE SET last_activity = excluded.last_activity,
+           purposes = excluded.purposes",
+    )
+    .bind(device)
+    .bind(now.millis())
+    .bind(now.millis())
+    .bind(i64::from(receipt.purposes.bits()))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO consent_receipts
+           (receipt_id, device, purposes, granted_at, policy_version, controller)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&receipt.receipt_id)
+    .bind(device)
+    .bind(i64::from(receipt.purposes.bits()))
+    .bind(receipt.granted_at.millis())
+    .bind(&receipt.policy_version)
+    .bind(&receipt.controller)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM consent_receipts WHERE device = ? AND seq NOT IN
+           (SELECT seq FROM consent_receipts WHERE device = ? ORDER BY seq DESC LIMIT ?)",
+    )
+    .bind(device)
+    .bind(device)
+    .bind(RECEIPTS_KEPT)
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn erase_device(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+) -> Result<WriteResult, sqlx::Error> {
+    let mut erased = 0;
+    for sql in [
+        "DELETE FROM consent_receipts WHERE device = ?",
+        "DELETE FROM contributions WHERE device = ?",
+        "DELETE FROM contribution_spend WHERE device = ?",
+        "DELETE FROM daily_contributions WHERE device = ?",
+        "DELETE FROM notifications WHERE device = ?",
+        "DELETE FROM restrictions WHERE device = ?",
+        "DELETE FROM devices WHERE device = ?",
+    ] {
+        erased += sqlx::query(sql)
+            .bind(&device.0[..])
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(WriteResult::Count(erased))
+}
+
+async fn touch(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    at: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query("UPDATE devices SET last_activity = MAX(last_activity, ?) WHERE device = ?")
+        .bind(at.millis())
+        .bind(&device.0[..])
+        .execute(&mut *conn)
+        .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn expire_idle(
+    conn: &mut SqliteConnection,
+    cutoff: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    for table in [
+        "consent_receipts",
+        "contributions",
+        "contribution_spend",
+        "daily_contributions",
+        "notifications",
+        "restrictions",
+    ] {
+        let sql = format!(
+            "DELETE FROM {table} WHERE device IN
+               (SELECT device FROM devices WHERE last_activity < ?)"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(cutoff.millis())
+            .execute(&mut *conn)
+            .await?;
+    }
+    let n = sqlx::query("DELETE FROM devices WHERE last_activity < ?")
+        .bind(cutoff.millis())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(WriteResult::Count(n))
+}
+
+async fn many(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<WriteResult, sqlx::Error> {
+    // Yields the sum of its parts' counts (e.g. notifications recorded), if any count.
+    let mut total = None;
+    for op in ops {
+        if let WriteResult::Count(n) = Box::pin(apply_one(&mut *conn, op)).await? {
+            *total.get_or_insert(0) += n;
         }
     }
+    Ok(total.map_or(WriteResult::Done, WriteResult::Count))
+}
+
+async fn contribute(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    cell: &u64,
+    bucket: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    // Conditional on the device's consent in this very transaction: a contribution
+    // decided just before a withdrawal cannot outlive the erasure.
+    let added = sqlx::query(
+        "INSERT OR IGNORE INTO contributions (bucket, cell, device)
+         SELECT ?, ?, ? WHERE EXISTS
+           (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)",
+    )
+    .bind(bucket.millis())
+    .bind(*cell as i64)
+    .bind(&device.0[..])
+    .bind(&device.0[..])
+    .bind(i64::from(Purpose::FootTraffic.bit()))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if added == 1 {
+        sqlx::query(
+            "INSERT INTO contribution_spend (device, bucket, pairs) VALUES (?, ?, 1)
+             ON CONFLICT (device, bucket) DO UPDATE SET pairs = pairs + 1",
+        )
+        .bind(&device.0[..])
+        .bind(bucket.millis())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(WriteResult::Done)
+}
+
+async fn release(
+    conn: &mut SqliteConnection,
+    entry: &LedgerEntry,
+    counts: &[ReleasedCount],
+) -> Result<WriteResult, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT OR IGNORE INTO ledger (bucket, bucket_len_ms, released_at, mechanism, scale,
+           rho, epsilon, l1_sensitivity, l2_sensitivity, threshold, cells)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(entry.bucket.millis())
+    .bind(entry.bucket_len_ms)
+    .bind(entry.released_at.millis())
+    .bind(&entry.mechanism)
+    .bind(entry.scale)
+    .bind(entry.rho)
+    .bind(entry.epsilon)
+    .bind(entry.l1_sensitivity)
+    .bind(entry.l2_sensitivity)
+    .bind(i64::from(entry.threshold))
+    .bind(entry.cells as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        // Already released (a retry, or another node): change nothing.
+        return Ok(WriteResult::Count(0));
+    }
+    insert_counts(
+        conn,
+        "INSERT INTO releases (bucket, cell, noisy, suppressed) ",
+        counts,
+    )
+    .await?;
+    sqlx::query("DELETE FROM contributions WHERE bucket = ?")
+        .bind(entry.bucket.millis())
+        .execute(&mut *conn)
+        .await?;
+    // Spend that can no longer share a 24-hour window with a new contribution.
+    sqlx::query("DELETE FROM contribution_spend WHERE bucket <= ?")
+        .bind(entry.bucket.millis() - crate::privacy::contrib::WINDOW_MS)
+        .execute(&mut *conn)
+        .await?;
+    Ok(WriteResult::Count(1))
+}
+
+async fn presence(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    dwell: &Dwell,
+    now: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "UPDATE devices SET cell = ?, cell_since = ?, cell_last_seen = ?, dwell_anchor = ?,
+           last_activity = ? WHERE device = ?",
+    )
+    .bind(dwell.cell as i64)
+    .bind(dwell.since.millis())
+    .bind(dwell.last_seen.millis())
+    .bind(dwell.anchor as i64)
+    .bind(now.millis())
+    .bind(&device.0[..])
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn record_feedback(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    notification_id: &uuid::Uuid,
+    feedback: &Feedback,
+    restriction: &Option<Restriction>,
+    now: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query("UPDATE notifications SET feedback = ? WHERE notification_id = ? AND device = ?")
+        .bind(feedback.as_str())
+        .bind(notification_id.to_string())
+        .bind(&device.0[..])
+        .execute(&mut *conn)
+        .await?;
+    if let Some(r) = restriction {
+        // Conditional on the device row: feedback decided just before a withdrawal
+        // cannot leave a restriction behind the erasure.
+        sqlx::query(
+            "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
+             SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?)
+             ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
+               dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
+        )
+        .bind(&r.device.0[..])
+        .bind(r.merchant_id.to_string())
+        .bind(i64::from(r.muted))
+        .bind(i64::from(r.dismissals))
+        .bind(r.backoff_until.map(Timestamp::millis))
+        .bind(&r.device.0[..])
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query("UPDATE devices SET last_activity = ? WHERE device = ?")
+        .bind(now.millis())
+        .bind(&device.0[..])
+        .execute(&mut *conn)
+        .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn release_offer_stats(
+    conn: &mut SqliteConnection,
+    entry: &OfferStatsLedgerEntry,
+    rows: &[OfferStatRow],
+) -> Result<WriteResult, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT OR IGNORE INTO offer_stats_ledger (day, released_at, mechanism, scale,
+           rho, epsilon, l1_sensitivity, l2_sensitivity, offers)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(entry.day.millis())
+    .bind(entry.released_at.millis())
+    .bind(&entry.mechanism)
+    .bind(entry.scale)
+    .bind(entry.rho)
+    .bind(entry.epsilon)
+    .bind(entry.l1_sensitivity)
+    .bind(entry.l2_sensitivity)
+    .bind(entry.offers as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        // Already released (a retry, or another node): change nothing.
+        return Ok(WriteResult::Count(0));
+    }
+    for chunk in rows.chunks(500) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO offer_stats (day, offer_id, merchant_id, deliveries, opens) ",
+        );
+        q.push_values(chunk, |mut row, r| {
+            row.push_bind(r.day.millis())
+                .push_bind(r.offer_id.to_string())
+                .push_bind(r.merchant_id.to_string())
+                .push_bind(r.deliveries)
+                .push_bind(r.opens);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(WriteResult::Count(1))
+}
+
+async fn put_merchant(
+    conn: &mut SqliteConnection,
+    m: &Merchant,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO merchants (merchant_id, name, key_hash, created_at, revoked_at)
+         VALUES (?, ?, ?, ?, NULL)",
+    )
+    .bind(m.merchant_id.to_string())
+    .bind(&m.name)
+    .bind(&m.key_hash[..])
+    .bind(m.created_at.millis())
+    .execute(&mut *conn)
+    .await?;
+    for cell in &m.cells {
+        sqlx::query("INSERT OR IGNORE INTO merchant_cells (merchant_id, cell) VALUES (?, ?)")
+            .bind(m.merchant_id.to_string())
+            .bind(*cell as i64)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(WriteResult::Done)
+}
+
+async fn revoke_merchant(
+    conn: &mut SqliteConnection,
+    merchant_id: &MerchantId,
+    at: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE merchants SET revoked_at = ? WHERE merchant_id = ? AND revoked_at IS NULL",
+    )
+    .bind(at.millis())
+    .bind(merchant_id.to_string())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(WriteResult::Count(n))
+}
+
+async fn put_offer(conn: &mut SqliteConnection, o: &Offer) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO offers (offer_id, merchant_id, title, body, cell, radius_k, valid_from,
+           valid_until, max_per_day, opening_hours, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (offer_id) DO UPDATE SET title = excluded.title, body = excluded.body,
+           cell = excluded.cell, radius_k = excluded.radius_k,
+           valid_from = excluded.valid_from, valid_until = excluded.valid_until,
+           max_per_day = excluded.max_per_day, opening_hours = excluded.opening_hours,
+           updated_at = excluded.updated_at
+         WHERE offers.merchant_id = excluded.merchant_id",
+    )
+    .bind(o.offer_id.to_string())
+    .bind(o.merchant_id.to_string())
+    .bind(&o.title)
+    .bind(&o.body)
+    .bind(o.cell as i64)
+    .bind(i64::from(o.radius_k))
+    .bind(o.valid_from.millis())
+    .bind(o.valid_until.millis())
+    .bind(i64::from(o.max_notifications_per_day))
+    .bind(encode_hours(&o.opening_hours))
+    .bind(o.updated_at.millis())
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn delete_offer(
+    conn: &mut SqliteConnection,
+    merchant_id: &MerchantId,
+    offer_id: &OfferId,
+) -> Result<WriteResult, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM offers WHERE offer_id = ? AND merchant_id = ?")
+        .bind(offer_id.to_string())
+        .bind(merchant_id.to_string())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(WriteResult::Count(n))
 }
 
 /// Records a delivered notification if the conditions below hold; yields 1, or 0 (and
