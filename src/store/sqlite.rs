@@ -108,8 +108,14 @@ impl SqliteStore {
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::Config(format!("migration failed: {e}")))?;
+        // Every reader is opened now and kept for the store's life: SQLite opens the
+        // write-ahead log with O_CREAT on every new connection (read-only ones too), so a
+        // reader opened after the log was removed would put a fresh, empty one in its place.
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
+            .min_connections(4)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options.clone().read_only(true))
             .await?;
         let path = options.get_filename().to_path_buf();
