@@ -349,21 +349,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 } else {
                     base.rss_bytes()
                 };
-                let r = report::Round {
-                    mode: if mode == Mode::Unary {
-                        "unary"
-                    } else {
-                        "stream"
-                    },
-                    round,
-                    target,
-                    stats,
-                    rss,
+                let mode = if mode == Mode::Unary {
+                    "unary"
+                } else {
+                    "stream"
                 };
-                if !args.json {
-                    report::print_round(&r);
-                }
-                rounds.push(r);
+                record(&mut rounds, args.json, mode, round, target, stats, rss);
             }
         }
     }
@@ -381,17 +372,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 } else {
                     base.rss_bytes()
                 };
-                let r = report::Round {
-                    mode: "half-load",
-                    round,
-                    target,
-                    stats,
-                    rss,
-                };
-                if !args.json {
-                    report::print_round(&r);
-                }
-                half.push(r);
+                record(&mut half, args.json, "half-load", round, target, stats, rss);
             }
         }
     }
@@ -428,4 +409,27 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Keeps a finished round, printing it unless the output is JSON.
+fn record(
+    into: &mut Vec<report::Round>,
+    json: bool,
+    mode: &'static str,
+    round: u32,
+    target: &'static str,
+    stats: fleet::Stats,
+    rss: Option<u64>,
+) {
+    let r = report::Round {
+        mode,
+        round,
+        target,
+        stats,
+        rss,
+    };
+    if !json {
+        report::print_round(&r);
+    }
+    into.push(r);
 }

@@ -5,7 +5,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
 
 use super::SqliteStore;
-use super::rows::{device_id, opt_ts};
+use super::rows::{device_id, ledger_entry_from_row, opt_ts};
 use crate::clock::Timestamp;
 use crate::model::{LedgerEntry, Purpose, ReleasedCount};
 use crate::pseudonym::DeviceId;
@@ -141,21 +141,7 @@ impl SqliteStore {
             .fetch_all(&self.readers)
             .await?
             .iter()
-            .map(|r| {
-                Ok(LedgerEntry {
-                    bucket: Timestamp(r.try_get("day")?),
-                    bucket_len_ms: crate::privacy::daily::DAY_MS,
-                    released_at: Timestamp(r.try_get("released_at")?),
-                    mechanism: r.try_get("mechanism")?,
-                    scale: r.try_get("scale")?,
-                    rho: r.try_get("rho")?,
-                    epsilon: r.try_get("epsilon")?,
-                    l1_sensitivity: r.try_get("l1_sensitivity")?,
-                    l2_sensitivity: r.try_get("l2_sensitivity")?,
-                    threshold: r.try_get::<i64, _>("threshold")? as u32,
-                    cells: r.try_get::<i64, _>("cells")? as u64,
-                })
-            })
+            .map(|r| ledger_entry_from_row(r, "day", Some(crate::privacy::daily::DAY_MS)))
             .collect()
     }
 

@@ -5,8 +5,8 @@ use sqlx::{Connection, Row};
 
 use super::SqliteStore;
 use super::rows::{
-    device_id, merchant_from_row, notification_from_row, offer_from_row, opt_ts, receipt_from_row,
-    restriction_from_row, uuid_col,
+    device_id, ledger_entry_from_row, merchant_from_row, notification_from_row, offer_from_row,
+    opt_ts, receipt_from_row, restriction_from_row, uuid_col,
 };
 use crate::clock::Timestamp;
 use crate::model::{
@@ -357,21 +357,7 @@ impl SqliteStore {
             .fetch_all(&self.readers)
             .await?
             .iter()
-            .map(|r| {
-                Ok(LedgerEntry {
-                    bucket: Timestamp(r.try_get("bucket")?),
-                    bucket_len_ms: r.try_get("bucket_len_ms")?,
-                    released_at: Timestamp(r.try_get("released_at")?),
-                    mechanism: r.try_get("mechanism")?,
-                    scale: r.try_get("scale")?,
-                    rho: r.try_get("rho")?,
-                    epsilon: r.try_get("epsilon")?,
-                    l1_sensitivity: r.try_get("l1_sensitivity")?,
-                    l2_sensitivity: r.try_get("l2_sensitivity")?,
-                    threshold: r.try_get::<i64, _>("threshold")? as u32,
-                    cells: r.try_get::<i64, _>("cells")? as u64,
-                })
-            })
+            .map(|r| ledger_entry_from_row(r, "bucket", None))
             .collect()
     }
 

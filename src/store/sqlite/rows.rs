@@ -6,7 +6,8 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::clock::Timestamp;
 use crate::model::{
-    ConsentReceipt, Feedback, Merchant, Notification, Offer, OpeningHours, Purposes, Restriction,
+    ConsentReceipt, Feedback, LedgerEntry, Merchant, Notification, Offer, OpeningHours, Purposes,
+    Restriction,
 };
 use crate::pseudonym::DeviceId;
 use crate::store::StoreError;
@@ -125,5 +126,30 @@ pub(super) fn receipt_from_row(
         granted_at: Timestamp(r.try_get("granted_at")?),
         policy_version: r.try_get("policy_version")?,
         controller: r.try_get("controller")?,
+    })
+}
+
+/// A row of `ledger` (keyed by `bucket`, with its `bucket_len_ms`) or of `daily_ledger`
+/// (keyed by `day`, every entry one day long: `len_ms`).
+pub(super) fn ledger_entry_from_row(
+    r: &SqliteRow,
+    key: &str,
+    len_ms: Option<i64>,
+) -> Result<LedgerEntry, StoreError> {
+    Ok(LedgerEntry {
+        bucket: Timestamp(r.try_get(key)?),
+        bucket_len_ms: match len_ms {
+            Some(len) => len,
+            None => r.try_get("bucket_len_ms")?,
+        },
+        released_at: Timestamp(r.try_get("released_at")?),
+        mechanism: r.try_get("mechanism")?,
+        scale: r.try_get("scale")?,
+        rho: r.try_get("rho")?,
+        epsilon: r.try_get("epsilon")?,
+        l1_sensitivity: r.try_get("l1_sensitivity")?,
+        l2_sensitivity: r.try_get("l2_sensitivity")?,
+        threshold: r.try_get::<i64, _>("threshold")? as u32,
+        cells: r.try_get::<i64, _>("cells")? as u64,
     })
 }
