@@ -83,9 +83,14 @@ struct RunArgs {
     /// The hexveil binary (default: `hexveil` next to this one).
     #[arg(long)]
     hexveil: Option<PathBuf>,
-    /// Extra TOML appended to the run's config (e.g. a store URL).
+    /// Extra TOML appended to the run's config.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// hexveil's store URL (default: a fresh SQLite file in the run's directory), e.g.
+    /// `postgres://postgres@127.0.0.1:5432/hexveil_load` — an empty database or schema: the
+    /// run registers a merchant and grants consent to its fleet there.
+    #[arg(long)]
+    store: Option<String>,
     /// Print one JSON document instead of tables.
     #[arg(long)]
     json: bool,
@@ -200,7 +205,10 @@ fn start_hexveil(args: &RunArgs, dir: &Path) -> anyhow::Result<(Server, String)>
     std::fs::create_dir_all(&config_dir)?;
     let config = config_dir.join("loadgen.toml");
     std::fs::write(&config, toml)?;
-    let store = format!("sqlite://{}/hexveil.db", dir.display());
+    let store = args
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/hexveil.db", dir.display()));
     let mut cmd = Command::new(hexveil_bin(args)?);
     cmd.args([
         "serve",
@@ -397,8 +405,18 @@ fn targets<'a>(
 
 fn args_desc(a: &RunArgs) -> String {
     format!(
-        "{} phones, {} in flight over {} connections (unary), {} streams, {} s rounds × {}",
-        a.devices, a.concurrency, a.channels, a.streams, a.duration, a.rounds
+        "{} phones, {} in flight over {} connections (unary), {} streams, {} s rounds × {}, \
+         store {}",
+        a.devices,
+        a.concurrency,
+        a.channels,
+        a.streams,
+        a.duration,
+        a.rounds,
+        match a.store.as_deref().and_then(|s| s.split_once(':')) {
+            Some((scheme, _)) => scheme,
+            None => "sqlite (embedded)",
+        }
     )
 }
 
