@@ -417,7 +417,7 @@ async fn a_device_notified_before_kill_9_gets_min_interval_after_restart() {
     let cell = h3o::LatLng::new(40.4168, -3.7038)
         .unwrap()
         .to_cell(h3o::Resolution::Eight);
-    let store = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let store = store_url(dir.path());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hexveil"))
         .args([
             "merchant",

@@ -168,7 +168,7 @@ async fn rate_limit_refuses_the_burst_plus_one_and_leaves_no_trace() {
     for _ in 0..5 {
         client.report_presence(report(d, c)).await.unwrap();
     }
-    let before = dump_db(&server.db_path()).await;
+    let before = dump_db(&server.db()).await;
     let other = u64::from(cell_at(h3o::Resolution::Six));
     let err = client.report_presence(report(d, other)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -180,7 +180,7 @@ async fn rate_limit_refuses_the_burst_plus_one_and_leaves_no_trace() {
         .unwrap();
     assert!(retry.as_secs() >= 50 && retry.as_secs() <= 60, "{retry:?}");
     assert_eq!(
-        dump_db(&server.db_path()).await,
+        dump_db(&server.db()).await,
         before,
         "a refused report leaves no trace"
     );
@@ -254,7 +254,7 @@ async fn fine_cells_are_rejected_when_configured() {
     let ch = server.channel().await;
     let d = "dev-fine-reject-01";
     consent(&ch, d).await;
-    let before = dump_db(&server.db_path()).await;
+    let before = dump_db(&server.db()).await;
     let err = PresenceServiceClient::new(ch.clone())
         .report_presence(report(d, cell_at(h3o::Resolution::Nine).into()))
         .await
@@ -268,7 +268,7 @@ async fn fine_cells_are_rejected_when_configured() {
         .field
         .clone();
     assert_eq!(field, "cell");
-    assert_eq!(dump_db(&server.db_path()).await, before);
+    assert_eq!(dump_db(&server.db()).await, before);
     server.stop().await;
 }
 
