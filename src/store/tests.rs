@@ -681,3 +681,20 @@ async fn a_lost_database_fails_closed_and_recovers_by_itself() {
     assert_eq!(store.merchants().await.unwrap().len(), 0);
     assert_eq!(schema.count("devices").await, 2);
 }
+
+/// Nodes that start together on an empty database all run the migrations at once: sqlx's
+/// migrator holds an advisory lock while it works, so each migration is applied once and
+/// every node opens.
+#[tokio::test]
+async fn nodes_starting_together_apply_each_migration_once() {
+    let Some(base) = pg_testing::url_or_skip("nodes starting together") else {
+        return;
+    };
+    let schema = TestSchema::create(&base).await;
+    let opened = futures_util::future::join_all((0..4).map(|_| Store::open(&schema.url))).await;
+    for store in &opened {
+        assert!(store.is_ok(), "{store:?}");
+    }
+    assert_eq!(schema.count("_sqlx_migrations").await, 7);
+    assert_eq!(schema.count("_sqlx_migrations WHERE NOT success").await, 0);
+}
