@@ -698,3 +698,66 @@ async fn nodes_starting_together_apply_each_migration_once() {
     assert_eq!(schema.count("_sqlx_migrations").await, 7);
     assert_eq!(schema.count("_sqlx_migrations WHERE NOT success").await, 0);
 }
+
+/// A batch that loses a deadlock to another session (PostgreSQL aborts it with 40P01) is
+/// retried whole and commits: its caller sees success and the store stays writable.
+#[tokio::test]
+async fn a_batch_aborted_by_a_deadlock_is_retried_and_commits() {
+    use sqlx::Connection;
+    let Some(pg) = postgres("deadlock retry").await else {
+        return;
+    };
+    let schema = pg.schema.as_ref().unwrap();
+    let store = pg.store.clone();
+    shop(&store, &[], 3).await;
+    // Another session holds device 2's row, with a long deadlock timeout so that the store's
+    // writer (1 s, the default) is the one PostgreSQL aborts.
+    let mut other = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+    sqlx::raw_sql("SET deadlock_timeout = '20s'; BEGIN")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let lock = "SELECT 1 FROM devices WHERE device = $1 FOR UPDATE";
+    sqlx::query(lock)
+        .bind(&device(2).0[..])
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // The writer locks device 1, then waits for device 2.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(WriteOp::Many(vec![
+                    WriteOp::Touch {
+                        device: device(1),
+                        at: Timestamp(T0 + 5),
+                    },
+                    WriteOp::Touch {
+                        device: device(2),
+                        at: Timestamp(T0 + 5),
+                    },
+                ]))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The other session now waits for device 1: a cycle, which the writer loses.
+    sqlx::query(lock)
+        .bind(&device(1).0[..])
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    let written = writer.await.unwrap();
+    assert!(
+        written.is_ok(),
+        "the batch is retried, not failed: {written:?}"
+    );
+    assert!(store.is_writable(), "a lost lock race is no outage");
+    let devices = store.load_devices().await.unwrap();
+    for d in [1, 2] {
+        let row = devices.iter().find(|r| r.device == device(d)).unwrap();
+        assert_eq!(row.last_activity, Timestamp(T0 + 5));
+    }
+}
