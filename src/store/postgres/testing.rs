@@ -4,6 +4,9 @@
 //! `HEXVEIL_TEST_POSTGRES_URL` selects the PostgreSQL runs. Unset, they are skipped (with a
 //! printed note); set but unreachable, they fail — a CI that asked for PostgreSQL never
 //! passes without it.
+//!
+//! Unwrap safety (the whole module): only tests call it, and a panic is how a test that
+//! cannot get its database, schema or proxy fails; no product code path reaches it.
 
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
