@@ -41,7 +41,7 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
-    /// Store URL.
+    /// Store URL: sqlite://path/to/file.db or postgres://user@host:5432/db.
     #[arg(
         long,
         value_name = "URL",
@@ -102,7 +102,8 @@ pub struct ServeArgs {
     /// TOML config file; edits to it are applied live (also on SIGHUP).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Store URL (overrides store.url), e.g. sqlite://hexveil-data/hexveil.db.
+    /// Store URL (overrides store.url), e.g. sqlite://hexveil-data/hexveil.db or
+    /// postgres://user@host:5432/db.
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
     /// gRPC listen address (overrides server.grpc_listen).

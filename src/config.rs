@@ -143,12 +143,15 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://path/to/file.db` (embedded) or `postgres://…`.
+    /// `sqlite://path/to/file.db` (embedded) or `postgres://user@host:5432/db` (shared by
+    /// several nodes; `?options=-c%20search_path%3Dname` selects a schema).
     pub url: String,
     /// Directory for the device-pseudonym key file and the config audit log.
     pub data_dir: PathBuf,
     /// Free space (MiB) the store's file system must keep: below it the store stops taking
     /// writes and health says NOT_SERVING, before the disk is actually full. 0 disables.
+    /// SQLite only: PostgreSQL manages its own disk (a full one fails commits, which then
+    /// fail closed the same way).
     pub min_free_mb: u64,
 }
 

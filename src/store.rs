@@ -12,13 +12,17 @@
 //! commits again. One operation that fails on its own ([`StoreError::Rejected`]) fails only its
 //! caller.
 //!
-//! Backends are chosen by URL. `sqlite:` is the embedded default; a PostgreSQL backend is a
-//! second implementation of the same operations (a new [`Backend`] variant), not a rewrite.
+//! Backends are chosen by URL: `sqlite:` is the embedded default, `postgres://` the shared
+//! store for several nodes. Both implement [`Backend`] (every read, and a writer on the same
+//! group-commit queue applying the same [`WriteOp`]s); `Store` holds one behind `Arc<dyn _>`.
 
 mod group_commit;
 mod health;
+mod postgres;
 mod sqlite;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +36,9 @@ use crate::model::{
 use crate::pseudonym::DeviceId;
 
 pub use group_commit::MAX_BATCH;
+/// Test support for the PostgreSQL runs (a schema per test); not part of the product.
+#[doc(hidden)]
+pub use postgres::testing as pg_testing;
 
 /// Receipts kept per device (older ones are dropped when a new one is stored).
 pub const RECEIPTS_KEPT: i64 = 10;
@@ -189,24 +196,172 @@ pub enum WriteResult {
     Count(u64),
 }
 
-enum Backend {
-    Sqlite(sqlite::SqliteStore),
+/// A boxed read of a backend (the seam is object-safe: `Store` holds `Arc<dyn Backend>`).
+pub(crate) type Read<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A storage backend: every read, a liveness check, and its writer on the group-commit queue.
+/// Each backend implements the same reads with the same meaning (see [`Store`]'s methods);
+/// its writes are the [`WriteOp`]s its writer applies ([`group_commit::BatchWriter`]).
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// A short name for logs and `Debug` (`sqlite`, `postgres`).
+    fn kind(&self) -> &'static str;
+    /// Starts the writer that drains `rx`, one transaction per batch, reporting to `health`.
+    /// Called once, right after the backend is opened.
+    fn start_writer(
+        &self,
+        rx: mpsc::Receiver<group_commit::Pending>,
+        health: Arc<health::Health>,
+    ) -> Result<(), StoreError>;
+    fn ping(&self) -> Read<'_, ()>;
+    fn latest_consent(&self, device: DeviceId) -> Read<'_, Option<ConsentReceipt>>;
+    fn device_snapshot(&self, device: DeviceId) -> Read<'_, Option<DeviceSnapshot>>;
+    fn load_devices(&self) -> Read<'_, Vec<DeviceRow>>;
+    fn load_notifications(&self, since: Timestamp) -> Read<'_, Vec<Notification>>;
+    fn load_deliveries(&self, since: Timestamp) -> Read<'_, Vec<(OfferId, u64, Timestamp)>>;
+    fn load_restrictions(&self) -> Read<'_, Vec<Restriction>>;
+    fn load_offers(&self) -> Read<'_, Vec<Offer>>;
+    fn offers_of(&self, merchant: MerchantId) -> Read<'_, Vec<Offer>>;
+    fn merchant(&self, id: MerchantId) -> Read<'_, Option<Merchant>>;
+    fn merchants(&self) -> Read<'_, Vec<Merchant>>;
+    fn bucket_counts(
+        &self,
+        bucket: Timestamp,
+        max_cells_per_device: u32,
+    ) -> Read<'_, Vec<(u64, u64)>>;
+    fn unreleased_buckets(&self) -> Read<'_, Vec<Timestamp>>;
+    fn load_contributions(&self) -> Read<'_, Vec<(DeviceId, u64, Timestamp)>>;
+    fn load_contribution_spend(
+        &self,
+        through: Timestamp,
+    ) -> Read<'_, Vec<(DeviceId, Timestamp, u32)>>;
+    fn ledger(&self, start: Timestamp, end: Timestamp) -> Read<'_, Vec<LedgerEntry>>;
+    fn last_release(&self) -> Read<'_, Option<Timestamp>>;
+    fn released<'a>(
+        &'a self,
+        cells: &'a [u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Read<'a, Vec<ReleasedCount>>;
+    fn deliveries(&self, start: Timestamp, end: Timestamp) -> Read<'_, Vec<DeliveryRow>>;
+    fn last_offer_stats_day(&self) -> Read<'_, Option<Timestamp>>;
+    fn offer_stats(
+        &self,
+        merchant_id: MerchantId,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Read<'_, Vec<OfferStatRow>>;
+    fn offer_stats_ledger(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Read<'_, Vec<OfferStatsLedgerEntry>>;
+    fn day_counts(&self, day: Timestamp) -> Read<'_, Vec<(u64, u64)>>;
+    fn load_daily_contributions(&self) -> Read<'_, Vec<(DeviceId, u64, Timestamp)>>;
+    fn last_daily_release(&self) -> Read<'_, Option<Timestamp>>;
+    fn daily_ledger(&self, start: Timestamp, end: Timestamp) -> Read<'_, Vec<LedgerEntry>>;
+    fn released_days<'a>(
+        &'a self,
+        cells: &'a [u64],
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Read<'a, Vec<ReleasedCount>>;
 }
+
+/// Implements [`Backend`] for `$ty` by forwarding every read to its inherent `async fn` of the
+/// same name (each backend writes its reads as plain async methods), and `start_writer` to
+/// its inherent `start_writer_now`.
+macro_rules! forward_backend {
+    ($ty:ty, $kind:literal) => {
+        const _: () = {
+        use $crate::clock::Timestamp;
+        use $crate::model::{
+            ConsentReceipt, DeliveryRow, DeviceRow, DeviceSnapshot, LedgerEntry, Merchant,
+            MerchantId, Notification, Offer, OfferId, OfferStatRow, OfferStatsLedgerEntry,
+            ReleasedCount, Restriction,
+        };
+        use $crate::pseudonym::DeviceId;
+        impl $crate::store::Backend for $ty {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn start_writer(
+                &self,
+                rx: ::tokio::sync::mpsc::Receiver<$crate::store::group_commit::Pending>,
+                health: ::std::sync::Arc<$crate::store::health::Health>,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.start_writer_now(rx, health)
+            }
+            $crate::store::forward_backend!(@reads
+                ping() -> ();
+                latest_consent(device: DeviceId) -> Option<ConsentReceipt>;
+                device_snapshot(device: DeviceId) -> Option<DeviceSnapshot>;
+                load_devices() -> Vec<DeviceRow>;
+                load_notifications(since: Timestamp) -> Vec<Notification>;
+                load_deliveries(since: Timestamp) -> Vec<(OfferId, u64, Timestamp)>;
+                load_restrictions() -> Vec<Restriction>;
+                load_offers() -> Vec<Offer>;
+                offers_of(merchant: MerchantId) -> Vec<Offer>;
+                merchant(id: MerchantId) -> Option<Merchant>;
+                merchants() -> Vec<Merchant>;
+                bucket_counts(bucket: Timestamp, max_cells_per_device: u32) -> Vec<(u64, u64)>;
+                unreleased_buckets() -> Vec<Timestamp>;
+                load_contributions() -> Vec<(DeviceId, u64, Timestamp)>;
+                load_contribution_spend(through: Timestamp) -> Vec<(DeviceId, Timestamp, u32)>;
+                ledger(start: Timestamp, end: Timestamp) -> Vec<LedgerEntry>;
+                last_release() -> Option<Timestamp>;
+                deliveries(start: Timestamp, end: Timestamp) -> Vec<DeliveryRow>;
+                last_offer_stats_day() -> Option<Timestamp>;
+                offer_stats(merchant_id: MerchantId, start: Timestamp, end: Timestamp)
+                    -> Vec<OfferStatRow>;
+                offer_stats_ledger(start: Timestamp, end: Timestamp) -> Vec<OfferStatsLedgerEntry>;
+                day_counts(day: Timestamp) -> Vec<(u64, u64)>;
+                load_daily_contributions() -> Vec<(DeviceId, u64, Timestamp)>;
+                last_daily_release() -> Option<Timestamp>;
+                daily_ledger(start: Timestamp, end: Timestamp) -> Vec<LedgerEntry>;
+            );
+            fn released<'a>(
+                &'a self,
+                cells: &'a [u64],
+                start: Timestamp,
+                end: Timestamp,
+            ) -> $crate::store::Read<'a, Vec<ReleasedCount>> {
+                Box::pin(<$ty>::released(self, cells, start, end))
+            }
+            fn released_days<'a>(
+                &'a self,
+                cells: &'a [u64],
+                start: Timestamp,
+                end: Timestamp,
+            ) -> $crate::store::Read<'a, Vec<ReleasedCount>> {
+                Box::pin(<$ty>::released_days(self, cells, start, end))
+            }
+        }
+        };
+    };
+    (@reads $( $name:ident ( $($arg:ident : $argty:ty),* ) -> $ret:ty ; )*) => {
+        $(
+            fn $name(&self, $($arg: $argty),*) -> $crate::store::Read<'_, $ret> {
+                // Inherent methods take precedence over trait methods of the same name.
+                Box::pin(Self::$name(self, $($arg),*))
+            }
+        )*
+    };
+}
+pub(crate) use forward_backend;
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    backend: Arc<Backend>,
+    backend: Arc<dyn Backend>,
     writes: mpsc::Sender<group_commit::Pending>,
     health: Arc<health::Health>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match *self.backend {
-            Backend::Sqlite(_) => "sqlite",
-        };
-        f.debug_struct("Store").field("backend", &kind).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.backend.kind())
+            .finish()
     }
 }
 
@@ -218,23 +373,25 @@ impl Store {
         Store::open_with_reserve(url, 0).await
     }
 
-    /// Opens the store at `url`, runs migrations and starts the group-commit writer, which
-    /// refuses to write while the database's file system has less than `min_free_bytes` free.
+    /// Opens the store at `url`, runs migrations and starts the group-commit writer. On
+    /// SQLite the writer refuses to write while the database's file system has less than
+    /// `min_free_bytes` free; PostgreSQL manages its own disk, so it ignores the reserve.
     pub async fn open_with_reserve(url: &str, min_free_bytes: u64) -> Result<Store, StoreError> {
         let (tx, rx) = mpsc::channel(group_commit::QUEUE_DEPTH);
         let health = Arc::new(health::Health::default());
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite(
-                sqlite::SqliteStore::open(url, rx, health.clone(), min_free_bytes).await?,
-            )
+        let backend: Arc<dyn Backend> = if url.starts_with("sqlite:") {
+            Arc::new(sqlite::SqliteStore::open(url, min_free_bytes).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Arc::new(postgres::PgStore::open(url).await?)
         } else {
             return Err(StoreError::Config(format!(
-                "unsupported store URL scheme in {:?} (this build supports sqlite:)",
+                "store.url: unsupported scheme {:?} (use sqlite: or postgres://)",
                 url.split(':').next().unwrap_or("")
             )));
         };
+        backend.start_writer(rx, health.clone())?;
         Ok(Store {
-            backend: Arc::new(backend),
+            backend,
             writes: tx,
             health,
         })
@@ -342,9 +499,7 @@ impl Store {
         &self,
         device: DeviceId,
     ) -> Result<Option<ConsentReceipt>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.latest_consent(device).await,
-        }
+        self.backend.latest_consent(device).await
     }
 
     /// Everything stored about a device, or `None` if nothing is.
@@ -352,16 +507,12 @@ impl Store {
         &self,
         device: DeviceId,
     ) -> Result<Option<DeviceSnapshot>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.device_snapshot(device).await,
-        }
+        self.backend.device_snapshot(device).await
     }
 
     /// Checks the store answers (for health).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.ping().await,
-        }
+        self.backend.ping().await
     }
 
     /// Writes `op` and maps a count result to `u64`.
@@ -374,9 +525,7 @@ impl Store {
 
     /// Every device row, to rebuild in-memory state at start.
     pub async fn load_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_devices().await,
-        }
+        self.backend.load_devices().await
     }
 
     /// Notifications sent at or after `since` (all devices), oldest first.
@@ -384,9 +533,7 @@ impl Store {
         &self,
         since: Timestamp,
     ) -> Result<Vec<Notification>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_notifications(since).await,
-        }
+        self.backend.load_notifications(since).await
     }
 
     /// Deliveries at or after `since` as (offer, cell, sent at), oldest first: what offer
@@ -395,37 +542,27 @@ impl Store {
         &self,
         since: Timestamp,
     ) -> Result<Vec<(OfferId, u64, Timestamp)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_deliveries(since).await,
-        }
+        self.backend.load_deliveries(since).await
     }
 
     /// Every mute and back-off.
     pub async fn load_restrictions(&self) -> Result<Vec<Restriction>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_restrictions().await,
-        }
+        self.backend.load_restrictions().await
     }
 
     /// Every offer.
     pub async fn load_offers(&self) -> Result<Vec<Offer>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_offers().await,
-        }
+        self.backend.load_offers().await
     }
 
     /// One merchant's offers, most recently updated first.
     pub async fn offers_of(&self, merchant: MerchantId) -> Result<Vec<Offer>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.offers_of(merchant).await,
-        }
+        self.backend.offers_of(merchant).await
     }
 
     /// One merchant, revoked or not.
     pub async fn merchant(&self, id: MerchantId) -> Result<Option<Merchant>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.merchant(id).await,
-        }
+        self.backend.merchant(id).await
     }
 
     /// Distinct contribution counts per cell of one bucket, each device clipped to its
@@ -435,23 +572,19 @@ impl Store {
         bucket: Timestamp,
         max_cells_per_device: u32,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.bucket_counts(bucket, max_cells_per_device).await,
-        }
+        self.backend
+            .bucket_counts(bucket, max_cells_per_device)
+            .await
     }
 
     /// Buckets that still hold raw contributions, oldest first.
     pub async fn unreleased_buckets(&self) -> Result<Vec<Timestamp>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.unreleased_buckets().await,
-        }
+        self.backend.unreleased_buckets().await
     }
 
     /// Every unreleased contribution as (device, cell, bucket), to rebuild bounds at start.
     pub async fn load_contributions(&self) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_contributions().await,
-        }
+        self.backend.load_contributions().await
     }
 
     /// Per-bucket contribution spend (pairs, no cell) of buckets starting at or before
@@ -460,9 +593,7 @@ impl Store {
         &self,
         through: Timestamp,
     ) -> Result<Vec<(DeviceId, Timestamp, u32)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_contribution_spend(through).await,
-        }
+        self.backend.load_contribution_spend(through).await
     }
 
     /// Ledger entries of buckets starting in `[start, end)`, oldest first.
@@ -471,16 +602,12 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.ledger(start, end).await,
-        }
+        self.backend.ledger(start, end).await
     }
 
     /// Start of the newest released bucket, if any.
     pub async fn last_release(&self) -> Result<Option<Timestamp>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.last_release().await,
-        }
+        self.backend.last_release().await
     }
 
     /// Released counts of `cells` for buckets starting in `[start, end)`.
@@ -490,9 +617,7 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<ReleasedCount>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.released(cells, start, end).await,
-        }
+        self.backend.released(cells, start, end).await
     }
 
     /// Every delivery sent in `[start, end)`, oldest first: raw rows for the offer-statistics
@@ -502,16 +627,12 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.deliveries(start, end).await,
-        }
+        self.backend.deliveries(start, end).await
     }
 
     /// Start of the newest released day of offer statistics, if any.
     pub async fn last_offer_stats_day(&self) -> Result<Option<Timestamp>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.last_offer_stats_day().await,
-        }
+        self.backend.last_offer_stats_day().await
     }
 
     /// A merchant's released offer statistics of days starting in `[start, end)`, by day.
@@ -521,9 +642,7 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<OfferStatRow>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.offer_stats(merchant_id, start, end).await,
-        }
+        self.backend.offer_stats(merchant_id, start, end).await
     }
 
     /// Offer-statistics ledger entries of days starting in `[start, end)`, oldest first.
@@ -532,32 +651,24 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<OfferStatsLedgerEntry>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.offer_stats_ledger(start, end).await,
-        }
+        self.backend.offer_stats_ledger(start, end).await
     }
 
     /// Distinct daily contribution counts per cell of the UTC day starting at `day`.
     pub async fn day_counts(&self, day: Timestamp) -> Result<Vec<(u64, u64)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.day_counts(day).await,
-        }
+        self.backend.day_counts(day).await
     }
 
     /// Every unreleased daily contribution as (device, cell, day), to rebuild bounds at start.
     pub async fn load_daily_contributions(
         &self,
     ) -> Result<Vec<(DeviceId, u64, Timestamp)>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.load_daily_contributions().await,
-        }
+        self.backend.load_daily_contributions().await
     }
 
     /// Start of the newest released day of daily counts, if any.
     pub async fn last_daily_release(&self) -> Result<Option<Timestamp>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.last_daily_release().await,
-        }
+        self.backend.last_daily_release().await
     }
 
     /// Daily-release ledger entries of days starting in `[start, end)`, oldest first.
@@ -566,9 +677,7 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.daily_ledger(start, end).await,
-        }
+        self.backend.daily_ledger(start, end).await
     }
 
     /// Released daily counts of `cells` for days starting in `[start, end)` (`bucket` is the
@@ -579,15 +688,14 @@ impl Store {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<ReleasedCount>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.released_days(cells, start, end).await,
-        }
+        self.backend.released_days(cells, start, end).await
     }
 
     /// Every merchant, oldest first.
     pub async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.merchants().await,
-        }
+        self.backend.merchants().await
     }
 }
+
+#[cfg(test)]
+mod tests;

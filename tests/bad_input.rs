@@ -41,7 +41,7 @@ async fn bad_input_is_rejected_naming_the_field_and_changes_nothing() {
         })
         .await
         .unwrap();
-    let before = dump_db(&server.db_path()).await;
+    let before = dump_db(&server.db()).await;
     assert!(!before.is_empty());
 
     let ok = || token(8);
@@ -149,7 +149,7 @@ async fn bad_input_is_rejected_naming_the_field_and_changes_nothing() {
             "{name}"
         );
         assert_eq!(
-            dump_db(&server.db_path()).await,
+            dump_db(&server.db()).await,
             before,
             "{name} changed the store"
         );

@@ -111,7 +111,7 @@ async fn assert_erased(server: &TestServer, t: &str) {
         .unwrap()
         .into_inner();
     assert_eq!(data, pb::MyData::default(), "GetMyData must be empty");
-    let rows = dump_db(&server.db_path()).await;
+    let rows = dump_db(&server.db()).await;
     assert!(rows.is_empty(), "rows left after erasure: {rows:?}");
 }
 
@@ -238,7 +238,7 @@ async fn many_concurrent_writes_are_all_stored() {
     while let Some(r) = tasks.join_next().await {
         r.unwrap().unwrap();
     }
-    let rows = dump_db(&server.db_path()).await;
+    let rows = dump_db(&server.db()).await;
     assert_eq!(
         rows.iter().filter(|r| r.starts_with("devices:")).count(),
         300

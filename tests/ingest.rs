@@ -79,7 +79,7 @@ async fn a_report_that_changes_no_durable_fact_leaves_the_database_as_it_was() {
     // The first report starts a dwell and counts the device in this hour: durable.
     let first = report(&ch, &token(1), here, T0).await;
     assert!(first.offers.is_empty());
-    let before = dump_db(&server.db_path()).await;
+    let before = dump_db(&server.db()).await;
     assert!(
         before.iter().any(|r| r.starts_with("contributions:")),
         "the first report's contribution is on disk"
@@ -91,7 +91,7 @@ async fn a_report_that_changes_no_durable_fact_leaves_the_database_as_it_was() {
         assert!(r.offers.is_empty());
     }
     assert_eq!(
-        dump_db(&server.db_path()).await,
+        dump_db(&server.db()).await,
         before,
         "reports that change no durable fact write nothing"
     );
@@ -99,7 +99,7 @@ async fn a_report_that_changes_no_durable_fact_leaves_the_database_as_it_was() {
     let next = here.grid_disk::<Vec<_>>(1)[1];
     clock.advance(Duration::from_millis(1_000));
     report(&ch, &token(1), next, T0 + 51_000).await;
-    let after = dump_db(&server.db_path()).await;
+    let after = dump_db(&server.db()).await;
     assert_ne!(after, before, "a new cell is a new fact");
     server.stop().await;
 }

@@ -631,7 +631,7 @@ async fn forget_me_and_retention_erase_notifications_restrictions_contributions_
         .unwrap();
     server.app.insights.refresh_domain().await.unwrap();
     let ch = server.channel().await;
-    let db = server.db_path();
+    let db = server.db();
     let leave_traces = async |token: &str, at: i64| {
         grant(&ch, token, BOTH).await;
         let id = server.app.pseudonyms.device_id(token);

@@ -247,7 +247,7 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
         if !stored {
             withdrawn_rounds += 1;
             assert_eq!(
-                rows_of_device(&server.db_path(), &id).await,
+                rows_of_device(&server.db(), &id).await,
                 0,
                 "round {round}: rows outlived the erasure"
             );
@@ -259,7 +259,7 @@ async fn consent_grant_and_withdrawal_races_leave_memory_store_and_getmydata_agr
             assert!(r.offers.is_empty());
             assert_eq!(r.reason, R::NoConsent as i32);
             assert_eq!(
-                rows_of_device(&server.db_path(), &id).await,
+                rows_of_device(&server.db(), &id).await,
                 0,
                 "round {round}: a withdrawn device counted"
             );
@@ -322,7 +322,7 @@ async fn no_delivery_after_revoke_has_returned() {
         .collect();
     // Let deliveries flow, then revoke from "another process".
     flowing.notified().await;
-    let url = format!("sqlite://{}", server.db_path().display());
+    let url = server.store_url();
     let other = hexveil::store::Store::open(&url).await.unwrap();
     hexveil::merchants::revoke(&other, m.merchant_id, Timestamp(T0))
         .await

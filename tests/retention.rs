@@ -81,7 +81,7 @@ async fn idle_devices_expire_after_retention_and_active_ones_stay() {
     // Its own deadline passes 30 days after its last activity (day 20).
     clock.advance(20 * DAY);
     assert_eq!(server.app.consents.expire_idle().await.unwrap(), 1);
-    assert!(dump_db(&server.db_path()).await.is_empty());
+    assert!(dump_db(&server.db()).await.is_empty());
     server.stop().await;
 }
 

@@ -35,7 +35,7 @@ async fn no_delivery_after_the_revoke_command_has_returned() {
     let config = dir.path().join("hexveil.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let server = BinServer::spawn(dir.path(), &["--config", config.to_str().unwrap()]);
-    let store = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let store = store_url(dir.path());
     let cell = h3o::LatLng::new(40.4168, -3.7038)
         .unwrap()
         .to_cell(h3o::Resolution::Eight);

@@ -62,6 +62,25 @@ pub(crate) trait BatchWriter: Send + 'static {
     fn probe(&mut self) -> impl std::future::Future<Output = Result<(), BatchFailure>> + Send;
 }
 
+/// Runs [`run`] for `writer` on a thread of its own (with its own single-threaded runtime):
+/// on the server's runtime, every statement's answer waited in the run queue behind request
+/// work, which stretched each commit (and every durable reply) under load.
+pub(crate) fn spawn_writer<W: BatchWriter>(
+    writer: W,
+    rx: mpsc::Receiver<Pending>,
+    health: Arc<Health>,
+) -> Result<(), StoreError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Config(format!("cannot start the writer's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("hexveil-writer".into())
+        .spawn(move || runtime.block_on(run(writer, rx, health)))
+        .map_err(|e| StoreError::Config(format!("cannot start the writer thread: {e}")))?;
+    Ok(())
+}
+
 /// Drains the queue until every sender is dropped, probing the store between batches.
 pub(crate) async fn run<W: BatchWriter>(
     mut writer: W,

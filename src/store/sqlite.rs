@@ -78,17 +78,17 @@ fn migrator() -> Migrator {
 
 pub(crate) struct SqliteStore {
     readers: SqlitePool,
+    /// The writer, until [`Backend::start_writer`](crate::store::Backend) moves it to its
+    /// thread.
+    writer: std::sync::Mutex<Option<SqliteWriter>>,
 }
 
+crate::store::forward_backend!(SqliteStore, "sqlite");
+
 impl SqliteStore {
-    /// Opens (creating if needed) the file named by `url`, migrates it and starts the writer
-    /// task draining `rx`.
-    pub(crate) async fn open(
-        url: &str,
-        rx: mpsc::Receiver<Pending>,
-        health: std::sync::Arc<Health>,
-        min_free_bytes: u64,
-    ) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the file named by `url`, migrates it and prepares the
+    /// writer (started by `start_writer_now`).
+    pub(crate) async fn open(url: &str, min_free_bytes: u64) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("store.url: {e}")))?
             .create_if_missing(true)
@@ -139,18 +139,25 @@ impl SqliteStore {
             min_free_bytes,
             _sentinel: sentinel,
         };
-        // The writer drives its statements from its own thread: on the server's runtime, every
-        // statement's answer from sqlx's SQLite worker waited in the run queue behind request
-        // work, which stretched each commit (and every durable reply) under load.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Config(format!("cannot start the writer's runtime: {e}")))?;
-        std::thread::Builder::new()
-            .name("hexveil-writer".into())
-            .spawn(move || runtime.block_on(group_commit::run(writer, rx, health)))
-            .map_err(|e| StoreError::Config(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore { readers })
+        Ok(SqliteStore {
+            readers,
+            writer: std::sync::Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Moves the writer to its own thread, draining `rx`.
+    fn start_writer_now(
+        &self,
+        rx: mpsc::Receiver<Pending>,
+        health: std::sync::Arc<Health>,
+    ) -> Result<(), StoreError> {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| StoreError::Config("the writer was started already".into()))?;
+        group_commit::spawn_writer(writer, rx, health)
     }
 }
 

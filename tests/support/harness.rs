@@ -1,5 +1,9 @@
 //! Shared test harness: an in-process server on port 0 (with an injectable clock), the real
-//! binary as a child process, gRPC clients, and a raw view of the SQLite file.
+//! binary as a child process, gRPC clients, and a raw view of the store.
+//!
+//! The store is SQLite (a file in the test's temp dir) unless `HEXVEIL_TEST_BACKEND=postgres`,
+//! then it is a fresh schema of the PostgreSQL at `HEXVEIL_TEST_POSTGRES_URL`, one per data
+//! dir (a server restarted on the same dir finds its data again, as with the file).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -65,8 +69,19 @@ impl TestServer {
         connect(self.grpc).await
     }
 
+    /// The SQLite file (meaningful on SQLite only; see [`TestServer::db`]).
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("hexveil.db")
+    }
+
+    /// The store, whichever backend it is on.
+    pub fn db(&self) -> Db {
+        db_for(self.dir.path())
+    }
+
+    /// The store's URL.
+    pub fn store_url(&self) -> String {
+        store_url(self.dir.path())
     }
 
     /// Stops the server, waits for it to drain, and hands back its data dir.
@@ -81,13 +96,84 @@ impl TestServer {
     }
 }
 
-/// `[store]` settings pointing into `dir`.
+/// `[store]` settings for data dir `dir` (the store of [`store_url`]).
 pub fn store_toml(dir: &Path) -> String {
     format!(
-        "[store]\nurl = \"sqlite://{}/hexveil.db\"\ndata_dir = \"{}\"\n",
-        dir.display(),
+        "[store]\nurl = \"{}\"\ndata_dir = \"{}\"\n",
+        store_url(dir),
         dir.display()
     )
+}
+
+/// Whether the service tests run on PostgreSQL (`HEXVEIL_TEST_BACKEND=postgres`). Panics when
+/// asked for PostgreSQL without `HEXVEIL_TEST_POSTGRES_URL`: such a run must fail, not skip.
+pub fn on_postgres() -> bool {
+    match std::env::var("HEXVEIL_TEST_BACKEND").as_deref() {
+        Ok("postgres") => {
+            assert!(
+                std::env::var(hexveil::store::pg_testing::URL_ENV).is_ok_and(|u| !u.is_empty()),
+                "HEXVEIL_TEST_BACKEND=postgres needs {}",
+                hexveil::store::pg_testing::URL_ENV
+            );
+            true
+        }
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("HEXVEIL_TEST_BACKEND={other:?}: use sqlite or postgres"),
+    }
+}
+
+/// For tests that can only run on SQLite (they remove or fill its file, or compare it byte
+/// for byte): on PostgreSQL prints why the test does nothing and returns true.
+pub fn sqlite_only(test: &str, why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("{test}: SQLite only ({why}); nothing to do on PostgreSQL");
+        return true;
+    }
+    false
+}
+
+/// The schemas made for data dirs in this process, kept (not dropped) for the process's life:
+/// a server restarted on a dir must find its data. `.ci/test` drops them after the run.
+static SCHEMAS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The store URL for data dir `dir`: its SQLite file, or its own PostgreSQL schema.
+pub fn store_url(dir: &Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}/hexveil.db", dir.display());
+    }
+    let mut schemas = SCHEMAS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, url)) = schemas.iter().find(|(d, _)| d == dir) {
+        return url.clone();
+    }
+    let base = std::env::var(hexveil::store::pg_testing::URL_ENV).unwrap();
+    let schema = hexveil::store::pg_testing::TestSchema::create_blocking(&base);
+    let url = schema.url.clone();
+    // Kept for the process's life (see SCHEMAS).
+    std::mem::forget(schema);
+    schemas.push((dir.to_path_buf(), url.clone()));
+    url
+}
+
+/// The store of data dir `dir`, for raw inspection.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// The store of data dir `dir`.
+pub fn db_for(dir: &Path) -> Db {
+    if on_postgres() {
+        Db::Postgres(store_url(dir))
+    } else {
+        Db::Sqlite(dir.join("hexveil.db"))
+    }
+}
+
+impl From<PathBuf> for Db {
+    fn from(p: PathBuf) -> Db {
+        Db::Sqlite(p)
+    }
 }
 
 /// A gRPC channel to `addr`, retrying briefly while the server comes up.
@@ -176,10 +262,20 @@ impl BinServer {
     /// Like [`BinServer::spawn_with_env`], with the logs in `log_dir` and the data (database,
     /// key) in `dir`: for tests that fill the data's file system.
     pub fn spawn_in(log_dir: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BinServer {
+        Self::spawn_store(log_dir, dir, &store_url(dir), extra, env)
+    }
+
+    /// Like [`BinServer::spawn_in`], on the store at `store` (e.g. through a proxy).
+    pub fn spawn_store(
+        log_dir: &Path,
+        dir: &Path,
+        store: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BinServer {
         let n = std::fs::read_dir(log_dir).map(|d| d.count()).unwrap_or(0);
         let stderr_path = log_dir.join(format!("stderr-{n}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let store = format!("sqlite://{}/hexveil.db", dir.display());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hexveil"));
         cmd.args([
             "serve",
@@ -190,7 +286,7 @@ impl BinServer {
             "--metrics-listen",
             "127.0.0.1:0",
         ])
-        .args(["--store", &store, "--data-dir", &dir.display().to_string()])
+        .args(["--store", store, "--data-dir", &dir.display().to_string()])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -250,8 +346,40 @@ impl Drop for BinServer {
     }
 }
 
-/// Every row of every table of the SQLite file, as text, for before/after comparisons.
-pub async fn dump_db(path: &Path) -> Vec<String> {
+/// Every row of every table of the store, as text, for before/after comparisons.
+pub async fn dump_db(db: &Db) -> Vec<String> {
+    match db {
+        Db::Sqlite(path) => dump_sqlite(path).await,
+        Db::Postgres(url) => dump_postgres(url).await,
+    }
+}
+
+async fn dump_postgres(url: &str) -> Vec<String> {
+    use sqlx::{Connection, Row};
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let tables: Vec<String> = sqlx::query(
+        "SELECT table_name::TEXT FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_name NOT LIKE '\\_sqlx%'
+         ORDER BY table_name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    let mut out = Vec::new();
+    for t in tables {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT t::TEXT FROM \"{t}\" t ORDER BY 1"));
+        for row in sqlx::query(sql).fetch_all(&mut conn).await.unwrap() {
+            out.push(format!("{t}: {}", row.get::<String, _>(0)));
+        }
+    }
+    let _ = conn.close().await;
+    out
+}
+
+async fn dump_sqlite(path: &Path) -> Vec<String> {
     use sqlx::{Connection, Row};
     let url = format!("sqlite://{}?mode=ro", path.display());
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -289,11 +417,8 @@ pub async fn dump_db(path: &Path) -> Vec<String> {
     out
 }
 
-/// Rows that name `device` in every per-device table of the SQLite file.
-pub async fn rows_of_device(db: &Path, device: &hexveil::pseudonym::DeviceId) -> usize {
-    use sqlx::Connection;
-    let url = format!("sqlite://{}?mode=ro", db.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+/// Rows that name `device` in every per-device table of the store.
+pub async fn rows_of_device(db: &Db, device: &hexveil::pseudonym::DeviceId) -> usize {
     let mut n = 0;
     for t in [
         "devices",
@@ -304,28 +429,38 @@ pub async fn rows_of_device(db: &Path, device: &hexveil::pseudonym::DeviceId) ->
         "contribution_spend",
         "daily_contributions",
     ] {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t} WHERE device = ?"));
-        let c: i64 = sqlx::query_scalar(sql)
-            .bind(&device.0[..])
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        n += c as usize;
+        n += rows_in(db, t, device).await as usize;
     }
     n
 }
 
 /// Rows of `table` that name `device`.
-pub async fn rows_in(db: &Path, table: &str, device: &hexveil::pseudonym::DeviceId) -> i64 {
+pub async fn rows_in(db: &Db, table: &str, device: &hexveil::pseudonym::DeviceId) -> i64 {
     use sqlx::Connection;
-    let url = format!("sqlite://{}?mode=ro", db.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table} WHERE device = ?"));
-    sqlx::query_scalar(sql)
-        .bind(&device.0[..])
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
+    match db {
+        Db::Sqlite(path) => {
+            let url = format!("sqlite://{}?mode=ro", path.display());
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table} WHERE device = ?"));
+            sqlx::query_scalar(sql)
+                .bind(&device.0[..])
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        }
+        Db::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table} WHERE device = $1"));
+            let n = sqlx::query_scalar(sql)
+                .bind(&device.0[..])
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            let _ = conn.close().await;
+            n
+        }
+    }
 }
 
 /// Registers a merchant at `cell` with the real CLI (`hexveil merchant add --json`) on the
