@@ -39,6 +39,9 @@ pub struct Nodes {
     id: String,
     store: Store,
     view: Mutex<View>,
+    /// [`TIMEOUT`] and [`LEASE`] (shorter in tests).
+    timeout: Duration,
+    lease: Duration,
     /// The locked `node.id` file, if the id is kept there (the lock lives as long as this).
     _id_file: Option<std::fs::File>,
 }
@@ -74,7 +77,20 @@ impl Nodes {
                 ..View::default()
             }),
             _id_file: None,
+            timeout: TIMEOUT,
+            lease: LEASE,
         }
+    }
+
+    /// The same node with another drop timeout and lease (the lease must be shorter).
+    pub fn with_timing(mut self, timeout: Duration, lease: Duration) -> Nodes {
+        assert!(
+            lease < timeout,
+            "a node's lease must end before others may drop it"
+        );
+        self.timeout = timeout;
+        self.lease = lease;
+        self
     }
 
     /// Like [`Nodes::new`], with the id kept in `<data_dir>/node.id` under an exclusive lock:
@@ -112,7 +128,11 @@ impl Nodes {
     /// Whether this node may serve rate-limited reports now.
     pub fn admitted(&self) -> bool {
         let v = self.lock();
-        v.admitted && lease_held(&v)
+        v.admitted && self.lease_held(&v)
+    }
+
+    fn lease_held(&self, v: &View) -> bool {
+        v.live <= 1 || v.last_beat.is_some_and(|t| t.elapsed() < self.lease)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, View> {
@@ -123,7 +143,7 @@ impl Nodes {
     /// may serve none (not yet admitted, or its lease lapsed).
     pub fn share(&self, per_hour: u32, burst: u32) -> Option<(u32, u32)> {
         let v = self.lock();
-        if !(v.admitted && lease_held(&v)) {
+        if !(v.admitted && self.lease_held(&v)) {
             return None;
         }
         let n = v.live.max(1);
@@ -165,7 +185,7 @@ impl Nodes {
                     Some((beats, at)) if *beats == o.beats => *at,
                     _ => now,
                 };
-                if now.duration_since(since) >= TIMEOUT {
+                if now.duration_since(since) >= self.timeout {
                     stale.push((o.node_id.clone(), o.beats));
                 }
                 seen_now.insert(o.node_id.clone(), (o.beats, since));
@@ -221,8 +241,4 @@ fn locked_id(path: &std::path::Path) -> std::io::Result<Option<(String, std::fs:
         }
     };
     Ok(Some((id, file)))
-}
-
-fn lease_held(v: &View) -> bool {
-    v.live <= 1 || v.last_beat.is_some_and(|t| t.elapsed() < LEASE)
 }

@@ -816,3 +816,70 @@ async fn the_rate_limit_holds_across_two_nodes() {
         "only {accepted} accepted: the test is vacuous"
     );
 }
+
+#[tokio::test]
+async fn a_node_that_stops_beating_stops_serving_before_the_others_drop_it() {
+    use hexveil::nodes::Nodes;
+    let (_, shared) = manual_clock(T0);
+    let (a, b, _dir) = open_pair(open_caps(), shared).await;
+    // Membership alone, with short timings (drop after 600 ms, lease 300 ms).
+    let timing = |app: &App| {
+        Nodes::new(app.store.clone())
+            .with_timing(Duration::from_millis(600), Duration::from_millis(300))
+    };
+    let (na, nb) = (timing(&a), timing(&b));
+    na.beat().await.unwrap();
+    nb.beat().await.unwrap();
+    na.beat().await.unwrap();
+    na.beat().await.unwrap();
+    nb.beat().await.unwrap();
+    assert!(na.admitted() && nb.admitted());
+    assert_eq!(na.share(60, 4), Some((30, 2)));
+    assert_eq!(nb.share(60, 4), Some((30, 2)));
+    // B stops beating (a crash, a pause, a partition). A drops it after the timeout; from
+    // the moment A's share rises, B (had it survived) serves nothing: its lease lapsed first.
+    let started = std::time::Instant::now();
+    while na.live() > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        na.beat().await.unwrap();
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "dropped before the timeout"
+    );
+    assert_eq!(
+        na.share(60, 4),
+        Some((60, 4)),
+        "A alone takes the whole limit"
+    );
+    assert_eq!(nb.share(60, 4), None, "B still served after A's share rose");
+    // B comes back: its row is gone, so it rejoins and waits until A has counted it.
+    nb.beat().await.unwrap();
+    assert!(!nb.admitted());
+    na.beat().await.unwrap();
+    na.beat().await.unwrap();
+    nb.beat().await.unwrap();
+    assert!(nb.admitted());
+    assert_eq!((na.live(), nb.live()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_restarted_node_keeps_its_id_and_a_second_process_on_its_dir_does_not() {
+    use hexveil::nodes::Nodes;
+    let (_, shared) = manual_clock(T0);
+    let (a, _b, dir) = open_pair(open_caps(), shared).await;
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let first = Nodes::in_data_dir(a.store.clone(), &node_dir);
+    let second = Nodes::in_data_dir(a.store.clone(), &node_dir);
+    assert_ne!(first.id(), second.id(), "two running nodes share an id");
+    let id = first.id().to_string();
+    drop(second);
+    drop(first);
+    let restarted = Nodes::in_data_dir(a.store.clone(), &node_dir);
+    assert_eq!(restarted.id(), id, "a restarted node is a new one");
+}
