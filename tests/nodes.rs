@@ -883,3 +883,58 @@ async fn a_restarted_node_keeps_its_id_and_a_second_process_on_its_dir_does_not(
     let restarted = Nodes::in_data_dir(a.store.clone(), &node_dir);
     assert_eq!(restarted.id(), id, "a restarted node is a new one");
 }
+
+#[tokio::test]
+async fn a_node_with_a_stale_standing_cannot_shorten_a_back_off_set_at_another() {
+    let (clock, shared) = manual_clock(T0);
+    let mut config = open_caps();
+    config.caps.per_merchant_per_device_per_week = 10;
+    let (a, b, _dir) = open_pair(config, shared).await;
+    merchant(&a, &b, "cafe", &[centre()], 1000, clock.now()).await;
+    let id = consenting(&a, "dismissing-device-000001").await;
+    a.presence
+        .report(report(id, centre(), clock.now()))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(360));
+    let offered = a
+        .presence
+        .report(report(id, centre(), clock.now()))
+        .await
+        .unwrap();
+    let offer = offered.offers[0].0.offer_id;
+    // Two dismissals at B (which looks the notification up): the back-off escalates to 3 days.
+    b.presence
+        .feedback(id, offer, Feedback::Dismissed)
+        .await
+        .unwrap();
+    b.presence
+        .feedback(id, offer, Feedback::Dismissed)
+        .await
+        .unwrap();
+    let escalated = b
+        .store
+        .stored_device(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .restrictions[0];
+    assert_eq!(escalated.dismissals, 2);
+    // A, whose memory knows of no dismissal, records one: 1 day from its stale standing.
+    a.presence
+        .feedback(id, offer, Feedback::Dismissed)
+        .await
+        .unwrap();
+    let stored = a
+        .store
+        .stored_device(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .restrictions[0];
+    assert!(stored.dismissals >= 2, "{stored:?}");
+    assert!(
+        stored.backoff_until >= escalated.backoff_until,
+        "A shortened B's back-off: {stored:?} after {escalated:?}"
+    );
+}

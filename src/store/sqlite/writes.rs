@@ -387,12 +387,19 @@ async fn record_feedback(
         .await?;
     if let Some(r) = restriction {
         // Conditional on the device row: feedback decided just before a withdrawal
-        // cannot leave a restriction behind the erasure.
+        // cannot leave a restriction behind the erasure. Merged, never lowered: a node whose
+        // memory of the standing is stale (another node recorded more dismissals, a longer
+        // back-off or a mute) cannot shorten what the store holds.
         sqlx::query(
             "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
              SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?)
-             ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
-               dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
+             ON CONFLICT (device, merchant_id) DO UPDATE
+               SET muted = MAX(restrictions.muted, excluded.muted),
+               dismissals = MAX(restrictions.dismissals, excluded.dismissals),
+               backoff_until = CASE
+                 WHEN restrictions.backoff_until IS NULL THEN excluded.backoff_until
+                 WHEN excluded.backoff_until IS NULL THEN restrictions.backoff_until
+                 ELSE MAX(restrictions.backoff_until, excluded.backoff_until) END",
         )
         .bind(&r.device.0[..])
         .bind(r.merchant_id.to_string())
