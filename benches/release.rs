@@ -96,6 +96,8 @@ async fn seed(rig: &Rig, bucket: Timestamp) {
             device: bench_device(i),
             cell: rig.domain[(i as usize * 7) % rig.domain.len()],
             bucket,
+            max_cells: u32::MAX,
+            max_per_day: u32::MAX,
         })
         .collect();
     rig.store.write(WriteOp::Many(ops)).await.unwrap();

@@ -121,6 +121,17 @@ pub struct Sent {
     pub feedback: Option<Feedback>,
 }
 
+impl From<&crate::model::Notification> for Sent {
+    fn from(n: &crate::model::Notification) -> Self {
+        Sent {
+            offer_id: n.offer_id,
+            merchant_id: n.merchant_id,
+            sent_at: n.sent_at,
+            feedback: n.feedback,
+        }
+    }
+}
+
 /// What is left of a device's allowance after the device-level caps passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowance {
@@ -206,6 +217,16 @@ pub struct Standing {
     pub backoff_until: Option<Timestamp>,
 }
 
+impl From<&crate::model::Restriction> for Standing {
+    fn from(r: &crate::model::Restriction) -> Self {
+        Standing {
+            muted: r.muted,
+            dismissals: r.dismissals,
+            backoff_until: r.backoff_until,
+        }
+    }
+}
+
 /// The per-merchant caps, in order: mute, dismissal back-off, per merchant per week.
 pub fn merchant_caps(
     caps: &CapsConfig,
@@ -227,6 +248,44 @@ pub fn merchant_caps(
         .count() as u32;
     if to_merchant >= caps.per_merchant_per_device_per_week {
         return Err(Reason::MerchantCap);
+    }
+    Ok(())
+}
+
+/// Every device- and merchant-level cap for one reply of offers from `merchants`, decided
+/// at `now` for a device in `cell`, over the device's state as the store holds it (all
+/// nodes' notifications, standings and the stored dwell): the rules of [`device_caps`] and
+/// [`merchant_caps`] again, so a node's stale memory cannot let a reply through that the
+/// shared state forbids. The stored dwell must be in `cell` (a device that moved at another
+/// node is not offered on a stale dwell). Offers of one reply are sent at the same instant:
+/// they pass min-interval together, and together must fit the day's and the week's room.
+#[allow(clippy::too_many_arguments)]
+pub fn recheck_reply(
+    caps: &CapsConfig,
+    log: &[Sent],
+    standing: impl Fn(MerchantId) -> Standing,
+    dwell: Option<&Dwell>,
+    cell: u64,
+    utc_offset_minutes: i32,
+    now: Timestamp,
+    merchants: &[MerchantId],
+) -> Result<(), Reason> {
+    let Some(dwell) = dwell.filter(|d| d.cell == cell) else {
+        return Err(Reason::DwellNotMet);
+    };
+    let allowance = device_caps(caps, log, dwell, utc_offset_minutes, now)?;
+    let n = merchants.len() as u32;
+    if n > allowance.remaining_day {
+        return Err(Reason::DailyCap);
+    }
+    if n > allowance.remaining_week {
+        return Err(Reason::WeeklyCap);
+    }
+    for (i, m) in merchants.iter().enumerate() {
+        if merchants[..i].contains(m) {
+            return Err(Reason::MerchantCap);
+        }
+        merchant_caps(caps, standing(*m), log, *m, now)?;
     }
     Ok(())
 }

@@ -68,7 +68,32 @@ pub struct Consents {
     settings: LiveSettings,
     /// Consent changes of one device run one at a time (store and memory in the same order
     /// for grant and withdrawal), so racing changes cannot leave memory and store disagreeing.
-    changes: Arc<[tokio::sync::Mutex<()>]>,
+    changes: ConsentLocks,
+}
+
+/// The lock stripes serializing consent changes per device; shared with `Presence`, whose
+/// loads of a device from the store (a cache miss, a reload) take the same lock, so a load
+/// racing a withdrawal cannot put the erased device back into memory.
+#[derive(Debug, Clone)]
+pub struct ConsentLocks(Arc<[tokio::sync::Mutex<()>]>);
+
+impl Default for ConsentLocks {
+    fn default() -> Self {
+        ConsentLocks(
+            (0..CONSENT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        )
+    }
+}
+
+impl ConsentLocks {
+    /// Waits for the device's other consent changes (and loads) to finish.
+    pub async fn serialize(&self, device: DeviceId) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0[usize::from(device.0[14]) % CONSENT_STRIPES]
+            .lock()
+            .await
+    }
 }
 
 impl Consents {
@@ -83,17 +108,18 @@ impl Consents {
             devices,
             clock,
             settings,
-            changes: (0..CONSENT_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            changes: ConsentLocks::default(),
         }
+    }
+
+    /// The lock stripes of consent changes (for `Presence`'s loads from the store).
+    pub fn locks(&self) -> ConsentLocks {
+        self.changes.clone()
     }
 
     /// Waits for the device's other consent changes to finish.
     async fn serialize(&self, device: DeviceId) -> tokio::sync::MutexGuard<'_, ()> {
-        self.changes[usize::from(device.0[14]) % CONSENT_STRIPES]
-            .lock()
-            .await
+        self.changes.serialize(device).await
     }
 
     fn retention(&self) -> Duration {

@@ -312,6 +312,64 @@ impl Devices {
         }
     }
 
+    /// Takes the store's view of one consenting device (the store is the truth across nodes;
+    /// this table is a cache): consent, dwell, notifications and standings. A device not held
+    /// is inserted (with its contributions for bounding); one held is replaced only if
+    /// `replace` (its rate limiter and contributions stay: the store re-checks the bounds).
+    pub fn load_stored(&self, stored: &crate::store::StoredDevice, replace: bool) {
+        let id = stored.row.device;
+        let mut shard = self.lock(&id);
+        if stored.row.purposes.is_empty() {
+            shard.remove(&id);
+            return;
+        }
+        let absent = !shard.contains_key(&id);
+        if !absent && !replace {
+            return;
+        }
+        let state = shard.entry(id).or_default();
+        state.purposes = stored.row.purposes;
+        if absent {
+            state.set_last_activity(stored.row.last_activity);
+            state.mark_persisted(stored.row.last_activity);
+        }
+        match stored.row.dwell {
+            Some(d) => state.set_dwell(d),
+            None => state.dwell = CompactDwell::default(),
+        }
+        let extra = state.extra.get_or_insert_with(Default::default);
+        extra.sent = stored.notifications.iter().map(Sent::from).collect();
+        extra.meta = stored
+            .notifications
+            .iter()
+            .map(|n| (n.notification_id, n.cell))
+            .collect();
+        extra.standings = stored
+            .restrictions
+            .iter()
+            .map(|r| (r.merchant_id, Standing::from(r)))
+            .collect();
+        if absent {
+            // Unreleased pairs with their cells; the rest of each bucket's spend (released
+            // pairs) without.
+            for (bucket, pairs) in &stored.spend {
+                let cells: Vec<u64> = stored
+                    .contributions
+                    .iter()
+                    .filter(|(b, _)| b == bucket)
+                    .map(|(_, c)| *c)
+                    .collect();
+                let forgotten = (*pairs as usize).saturating_sub(cells.len());
+                extra
+                    .contrib
+                    .extend(cells.into_iter().map(|c| (*bucket, c)));
+                extra
+                    .contrib
+                    .extend((0..forgotten).map(|_| (*bucket, crate::privacy::contrib::FORGOTTEN)));
+            }
+        }
+    }
+
     /// Rebuilds the table from stored rows, notifications (oldest first) and restrictions.
     pub fn load(
         &self,

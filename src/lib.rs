@@ -28,6 +28,7 @@ pub mod demo;
 pub mod devices;
 pub mod merchants;
 pub mod model;
+pub mod nodes;
 pub mod offers;
 pub mod policy;
 pub mod presence;

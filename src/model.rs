@@ -311,3 +311,15 @@ pub struct OfferStatsLedgerEntry {
     pub l2_sensitivity: f64,
     pub offers: u64,
 }
+
+/// One live node sharing the store (`nodes` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub node_id: String,
+    /// Join sequence (never reused: a dropped node that comes back gets a new one).
+    pub seq: i64,
+    /// Beats so far (liveness is this counter moving).
+    pub beats: i64,
+    /// The highest join sequence the node had applied when it last wrote.
+    pub seen: i64,
+}

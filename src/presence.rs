@@ -16,13 +16,17 @@ use h3o::CellIndex;
 
 use crate::caps::{self, FloodGuard, Reason, Sent, Standing};
 use crate::clock::{SharedClock, Timestamp};
+use crate::consent::ConsentLocks;
 use crate::devices::Devices;
 use crate::model::{Feedback, Notification, Offer, OfferId, Purpose, Restriction};
+use crate::nodes::Nodes;
 use crate::offers::OfferIndex;
 use crate::privacy::Insights;
 use crate::pseudonym::DeviceId;
 use crate::settings::LiveSettings;
-use crate::store::{DeliveryLimits, Store, StoreError, WriteOp, WriteResult};
+use crate::store::{
+    DeliveryLimits, DeviceCheck, Store, StoreError, StoredDevice, WriteOp, WriteResult,
+};
 
 /// A validated report.
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +84,17 @@ pub struct Presence {
     settings: LiveSettings,
     insights: Insights,
     flood: Arc<FloodGuard>,
+    /// Devices looked up in the store and not found, and when (the negative cache).
+    misses: Arc<std::sync::Mutex<std::collections::HashMap<DeviceId, Timestamp>>>,
+    nodes: Arc<Nodes>,
+    consent_locks: ConsentLocks,
 }
+
+/// How long a device not found in the store is answered from memory alone (NO_CONSENT)
+/// before it is looked up again.
+pub const MISS_TTL: Duration = Duration::from_secs(2);
+/// Most devices held in the negative cache.
+pub const MISS_CAPACITY: usize = 10_000;
 
 impl Presence {
     pub fn new(
@@ -91,6 +105,7 @@ impl Presence {
         settings: LiveSettings,
         insights: Insights,
     ) -> Self {
+        let nodes = Arc::new(Nodes::new(store.clone()));
         Presence {
             devices,
             index,
@@ -99,11 +114,33 @@ impl Presence {
             settings,
             insights,
             flood: Arc::default(),
+            misses: Arc::default(),
+            nodes,
+            consent_locks: ConsentLocks::default(),
         }
+    }
+
+    /// Takes the consent changes' lock stripes, so loads from the store and consent changes
+    /// of one device run one at a time.
+    pub fn with_consent_locks(mut self, locks: ConsentLocks) -> Self {
+        self.consent_locks = locks;
+        self
+    }
+
+    /// Uses `nodes` as this node's membership (e.g. with an id kept in the data dir).
+    pub fn with_nodes(mut self, nodes: Nodes) -> Self {
+        self.nodes = Arc::new(nodes);
+        self
+    }
+
+    /// The nodes sharing this store, as this node sees them (its share of the rate limit).
+    pub fn nodes(&self) -> &Arc<Nodes> {
+        &self.nodes
     }
 
     /// Decides and durably records one report.
     pub async fn report(&self, report: Report) -> Result<Decision, PresenceError> {
+        self.look_up_if_unknown(report.device).await?;
         let (decision, commit) = self.decide(report)?;
         self.commit(decision, commit).await
     }
@@ -122,6 +159,7 @@ impl Presence {
             return Ok(decision);
         };
         let expected = notifications_in(&op);
+        let device = offered_device(&op);
         let recorded = match self.store.write(op).await? {
             WriteResult::Count(n) => n,
             WriteResult::Done => 0,
@@ -130,6 +168,14 @@ impl Presence {
             metrics::counter!("hexveil_offers_withheld_total").increment(expected - recorded);
             decision.offers.clear();
             decision.reason = Some(Reason::NoOffersNearby);
+            // The store (all nodes' state) refused what memory allowed: memory is stale.
+            // Converge on the store's view (or forget a device that no longer consents).
+            // The refused reply is already safe; a failed reload only leaves the cache stale.
+            if let Some(device) = device
+                && let Err(e) = self.reload(device).await
+            {
+                tracing::warn!(error = %e, "could not reload a device after a refused reply");
+            }
         } else {
             metrics::counter!("hexveil_offers_delivered_total").increment(recorded);
         }
@@ -147,12 +193,16 @@ impl Presence {
         let Some(state) = shard.get_mut(&r.device) else {
             return Ok((no_offer(Reason::NoConsent, cell), None));
         };
+        // This node's share of the limit: N nodes together allow no more than one would.
+        let limits = &config.rate_limits;
+        let (per_hour, burst) = self
+            .nodes
+            .share(limits.device_reports_per_hour, limits.device_burst)
+            .ok_or(PresenceError::RateLimited {
+                retry_after: crate::nodes::HEARTBEAT,
+            })?;
         state
-            .rate_limit(
-                now,
-                config.rate_limits.device_reports_per_hour,
-                config.rate_limits.device_burst,
-            )
+            .rate_limit(now, per_hour, burst)
             .map_err(|retry_after| PresenceError::RateLimited { retry_after })?;
 
         let prev = state.dwell();
@@ -181,7 +231,13 @@ impl Presence {
         if new_fact {
             ops.push(row);
             state.mark_persisted(now);
-        } else if state.persist_due(now, TOUCH_EVERY) && self.store.write_behind(row) {
+        } else if state.persist_due(now, TOUCH_EVERY)
+            && self.store.write_behind(WriteOp::Seen {
+                device: r.device,
+                dwell,
+                now,
+            })
+        {
             // Marked only once queued: a dropped refresh is tried again on the next report.
             state.mark_persisted(now);
         }
@@ -198,6 +254,7 @@ impl Presence {
             Err(reason) => no_offer(reason, cell),
             Ok(chosen) => {
                 let mut offers = Vec::with_capacity(chosen.len());
+                let mut deliveries = Vec::with_capacity(chosen.len());
                 for (entry, mut why) in chosen {
                     let offer = entry.offer.clone();
                     let notification = Notification {
@@ -227,15 +284,21 @@ impl Presence {
                     why.remaining_this_week = why
                         .remaining_this_week
                         .saturating_sub(offers.len() as u32 + 1);
-                    ops.push(WriteOp::Deliver {
+                    deliveries.push((
                         notification,
-                        limits: DeliveryLimits {
+                        DeliveryLimits {
                             offer_per_day: offer.max_notifications_per_day,
                             cell_per_minute: config.caps.per_cell_per_minute,
                         },
-                    });
+                    ));
                     offers.push((offer, why));
                 }
+                let merchants: Vec<_> = offers.iter().map(|(o, _)| o.merchant_id).collect();
+                ops.push(WriteOp::DeliverChecked {
+                    device: r.device,
+                    check: reply_check(settings.clone(), r, dwell.cell, now, merchants),
+                    deliveries,
+                });
                 Decision {
                     offers,
                     reason: None,
@@ -358,6 +421,74 @@ impl Presence {
         Ok(chosen)
     }
 
+    /// Whether `device` is unknown here and was not looked up in vain in the last
+    /// [`MISS_TTL`]: a device may have consented at another node after this one started.
+    pub fn needs_lookup(&self, device: &DeviceId) -> bool {
+        if self.devices.lock(device).contains_key(device) {
+            return false;
+        }
+        let now = self.clock.now();
+        let misses = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        misses
+            .get(device)
+            .is_none_or(|at| now.millis() - at.millis() >= crate::clock::duration_millis(MISS_TTL))
+    }
+
+    /// Looks up in the store a device this node does not hold (validated tokens only: the
+    /// caller has pseudonymized a well-formed one) and takes it into memory if it consents;
+    /// a device not found is remembered for [`MISS_TTL`], so hostile unknown tokens cost one
+    /// read each per TTL at most (and none once [`MISS_CAPACITY`] misses are held: then an
+    /// unknown device is answered from memory alone — NO_CONSENT, sending less).
+    pub async fn look_up_if_unknown(&self, device: DeviceId) -> Result<(), PresenceError> {
+        if !self.needs_lookup(&device) {
+            return Ok(());
+        }
+        {
+            let now = self.clock.now();
+            let mut misses = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+            if misses.len() >= MISS_CAPACITY {
+                let ttl = crate::clock::duration_millis(MISS_TTL);
+                misses.retain(|_, at| now.millis() - at.millis() < ttl);
+                if misses.len() >= MISS_CAPACITY {
+                    metrics::counter!("hexveil_device_lookups_skipped_total").increment(1);
+                    return Ok(());
+                }
+            }
+        }
+        metrics::counter!("hexveil_device_lookups_total").increment(1);
+        let _serialized = self.consent_locks.serialize(device).await;
+        let stored = self.store.stored_device(device).await?;
+        match stored {
+            Some(s) if !s.row.purposes.is_empty() => {
+                self.devices.load_stored(&s, false);
+                self.misses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&device);
+            }
+            _ => {
+                let now = self.clock.now();
+                self.misses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(device, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces this node's memory of `device` (consent, dwell, notifications, standings)
+    /// with the store's, or forgets the device if the store holds no consent for it.
+    pub async fn reload(&self, device: DeviceId) -> Result<(), PresenceError> {
+        metrics::counter!("hexveil_device_reloads_total").increment(1);
+        let _serialized = self.consent_locks.serialize(device).await;
+        match self.store.stored_device(device).await? {
+            Some(s) if !s.row.purposes.is_empty() => self.devices.load_stored(&s, true),
+            _ => self.devices.remove(&device),
+        }
+        Ok(())
+    }
+
     /// Restores the per-cell flood counters from the deliveries (cell, sent at) of the last minute.
     pub fn load_flood(&self, deliveries: &[(u64, Timestamp)]) {
         for (cell, at) in deliveries {
@@ -372,6 +503,26 @@ impl Presence {
         offer_id: OfferId,
         feedback: Feedback,
     ) -> Result<(), PresenceError> {
+        let op = match self.feedback_op(device, offer_id, feedback) {
+            // The notification may have been sent by another node: look the device up.
+            Err(PresenceError::UnknownOffer) => {
+                self.reload(device).await?;
+                self.feedback_op(device, offer_id, feedback)?
+            }
+            other => other?,
+        };
+        self.store.write(op).await?;
+        metrics::counter!("hexveil_feedback_total", "action" => feedback.as_str()).increment(1);
+        Ok(())
+    }
+
+    /// Applies feedback to memory and returns its write.
+    fn feedback_op(
+        &self,
+        device: DeviceId,
+        offer_id: OfferId,
+        feedback: Feedback,
+    ) -> Result<WriteOp, PresenceError> {
         let settings = self.settings.current();
         let now = self.clock.now();
         let op = {
@@ -419,9 +570,58 @@ impl Presence {
                 now,
             }
         };
-        self.store.write(op).await?;
-        metrics::counter!("hexveil_feedback_total", "action" => feedback.as_str()).increment(1);
-        Ok(())
+        Ok(op)
+    }
+}
+
+/// The check a reply's offers must pass on the device as stored (see
+/// [`caps::recheck_reply`]): consent to offers, the stored dwell, every device and merchant
+/// cap over all nodes' notifications and standings — with the config the decision used.
+/// `cell` is the cell of the dwell the decision used (the stored one must be the same).
+fn reply_check(
+    settings: Arc<crate::settings::Settings>,
+    r: Report,
+    cell: u64,
+    now: Timestamp,
+    merchants: Vec<crate::model::MerchantId>,
+) -> DeviceCheck {
+    DeviceCheck(Arc::new(move |stored: &StoredDevice| {
+        if !stored.row.purposes.contains(Purpose::NearbyOffers) {
+            return false;
+        }
+        let log: Vec<Sent> = stored.notifications.iter().map(Sent::from).collect();
+        let standing = |m| {
+            stored
+                .restrictions
+                .iter()
+                .find(|x| x.merchant_id == m)
+                .map(Standing::from)
+                .unwrap_or_default()
+        };
+        caps::recheck_reply(
+            &settings.config.caps,
+            &log,
+            standing,
+            stored.row.dwell.as_ref(),
+            cell,
+            r.utc_offset_minutes,
+            now,
+            &merchants,
+        )
+        .is_ok()
+    }))
+}
+
+/// The device a commit offers something to, if it does.
+fn offered_device(op: &WriteOp) -> Option<DeviceId> {
+    match op {
+        WriteOp::DeliverChecked { device, .. } => Some(*device),
+        WriteOp::Notify(n)
+        | WriteOp::Deliver {
+            notification: n, ..
+        } => Some(n.device),
+        WriteOp::Many(ops) => ops.iter().find_map(offered_device),
+        _ => None,
     }
 }
 
@@ -429,6 +629,7 @@ impl Presence {
 fn notifications_in(op: &WriteOp) -> u64 {
     match op {
         WriteOp::Notify(_) | WriteOp::Deliver { .. } => 1,
+        WriteOp::DeliverChecked { deliveries, .. } => deliveries.len() as u64,
         WriteOp::Many(ops) => ops.iter().map(notifications_in).sum(),
         _ => 0,
     }

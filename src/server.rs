@@ -87,7 +87,9 @@ impl App {
             clock.clone(),
             settings.clone(),
             insights.clone(),
-        );
+        )
+        .with_nodes(crate::nodes::Nodes::in_data_dir(store.clone(), &data_dir))
+        .with_consent_locks(consents.locks());
         let offers = Offers::new(store.clone(), index, clock.clone(), settings.clone());
         // Rebuild in-memory state so caps hold across restarts.
         let started = std::time::Instant::now();
@@ -339,6 +341,27 @@ pub async fn run_with_metrics(
                 }
             }
         });
+    }
+    {
+        // Membership of the nodes sharing the store: a first beat before serving (a node
+        // joining live ones learns it must wait for them), then one every HEARTBEAT.
+        let nodes = app.presence.nodes().clone();
+        if let Err(e) = nodes.beat().await {
+            tracing::warn!(error = %e, "node heartbeat failed; will retry");
+        }
+        periodic(
+            &mut jobs,
+            crate::nodes::HEARTBEAT,
+            stop_rx.clone(),
+            move || {
+                let nodes = nodes.clone();
+                async move {
+                    if let Err(e) = nodes.beat().await {
+                        tracing::warn!(error = %e, "node heartbeat failed; will retry");
+                    }
+                }
+            },
+        );
     }
     {
         let (offers, insights) = (app.offers.clone(), app.insights.clone());

@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback, LedgerEntry, Merchant,
-    MerchantId, Notification, Offer, OfferId, OfferStatRow, OfferStatsLedgerEntry, ReleasedCount,
-    Restriction,
+    MerchantId, NodeRow, Notification, Offer, OfferId, OfferStatRow, OfferStatsLedgerEntry,
+    ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
 
@@ -109,6 +109,14 @@ pub enum WriteOp {
         dwell: Dwell,
         now: Timestamp,
     },
+    /// Refreshes a device's last sighting and activity while nothing else changed: the
+    /// sighting only if the stored dwell is still `dwell`'s (same cell and anchor) — another
+    /// node may have stored a newer one, which a stale refresh must not overwrite.
+    Seen {
+        device: DeviceId,
+        dwell: Dwell,
+        now: Timestamp,
+    },
     /// Logs a delivered notification (before the reply that carries it), if the device still
     /// consents, the merchant is not revoked and the offer exists; yields 1, or 0 if refused.
     Notify(Notification),
@@ -126,6 +134,20 @@ pub enum WriteOp {
         restriction: Option<Restriction>,
         now: Timestamp,
     },
+    /// The offers of one reply: `check` is run on the device as stored (all nodes'
+    /// notifications, restrictions, the dwell row), in the committing transaction; only if
+    /// it passes is each delivery recorded as by `Deliver`. Yields the number recorded (0 if
+    /// the check refused, or the device is gone).
+    DeliverChecked {
+        device: DeviceId,
+        check: DeviceCheck,
+        deliveries: Vec<(Notification, DeliveryLimits)>,
+    },
+    /// Renews this node's row in `nodes` (counts a beat, sets `seen`), inserting it with a
+    /// new join sequence if it is missing.
+    Heartbeat { node_id: String, seen: i64 },
+    /// Deletes a node's row if its beat counter is still `beats`; yields 1, or 0.
+    DropNode { node_id: String, beats: i64 },
     /// Registers a merchant.
     PutMerchant(Merchant),
     /// Revokes a merchant's key; yields 1 if it was active.
@@ -142,11 +164,16 @@ pub enum WriteOp {
     },
     /// Several writes of one request, applied in order in the same transaction.
     Many(Vec<WriteOp>),
-    /// Records a foot-traffic contribution (idempotent per device, cell and bucket).
+    /// Records a foot-traffic contribution (idempotent per device, cell and bucket) if the
+    /// device still consents, the bucket is not released, and the device's stored spend
+    /// (all nodes') leaves room: fewer than `max_cells` cells in this bucket and at most
+    /// `max_per_day` pairs in every 24-hour window holding it (`privacy::contrib::admit`).
     Contribute {
         device: DeviceId,
         cell: u64,
         bucket: Timestamp,
+        max_cells: u32,
+        max_per_day: u32,
     },
     /// Releases a bucket in one transaction: the ledger entry, the noisy table, and the
     /// deletion of the bucket's raw contributions. Yields 1, or 0 (and changes nothing) if
@@ -187,6 +214,31 @@ pub struct DeliveryLimits {
     pub offer_per_day: u32,
     /// `caps.per_cell_per_minute` (per UTC minute).
     pub cell_per_minute: u32,
+}
+
+/// A device as the store holds it: what a reply's caps are re-checked against in the
+/// committing transaction, and what a node reloads its memory of the device from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDevice {
+    pub row: DeviceRow,
+    /// Oldest first.
+    pub notifications: Vec<Notification>,
+    pub restrictions: Vec<Restriction>,
+    /// Unreleased contributions as (bucket, cell).
+    pub contributions: Vec<(Timestamp, u64)>,
+    /// Contribution spend per bucket (pairs, released buckets' included).
+    pub spend: Vec<(Timestamp, u32)>,
+}
+
+/// A domain rule over a [`StoredDevice`], run by the store inside the committing
+/// transaction (the rules stay in the domain, the SQL in the store).
+#[derive(Clone)]
+pub struct DeviceCheck(pub Arc<dyn Fn(&StoredDevice) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for DeviceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCheck(..)")
+    }
 }
 
 /// What a write yields once committed.
@@ -508,6 +560,24 @@ impl Store {
         device: DeviceId,
     ) -> Result<Option<DeviceSnapshot>, StoreError> {
         self.backend.device_snapshot(device).await
+    }
+
+    /// A device as stored (row, notifications, restrictions, contributions), or `None` if it
+    /// has no row: for a node that does not know it, or whose memory of it is stale.
+    pub async fn stored_device(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<StoredDevice>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.stored_device(device).await,
+        }
+    }
+
+    /// The nodes sharing this store (not yet dropped), by join sequence.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.live_nodes().await,
+        }
     }
 
     /// Checks the store answers (for health).

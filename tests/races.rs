@@ -364,6 +364,7 @@ async fn second_node(
         http,
         std::future::pending(),
     ));
+    wait_admitted(&app).await;
     (app, connect(addr).await)
 }
 

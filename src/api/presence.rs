@@ -108,11 +108,21 @@ impl PresenceApi {
         &self,
         req: pb::ReportPresenceRequest,
     ) -> impl std::future::Future<Output = pb::ReportPresenceReply> + Send + 'static {
-        let decided = self
-            .validate(&req)
-            .and_then(|r| self.presence.decide(r).map_err(ApiError::from));
+        // A device this node does not hold may have consented at another node: its report is
+        // decided after the store was asked (`Err(report)` here), the others at once, in order.
+        let decided = match self.validate(&req) {
+            Ok(r) if self.presence.needs_lookup(&r.device) => Err(r),
+            v => Ok(v.and_then(|r| self.presence.decide(r).map_err(ApiError::from))),
+        };
         let presence = self.presence.clone();
         async move {
+            let decided = match decided {
+                Ok(d) => d,
+                Err(r) => match presence.look_up_if_unknown(r.device).await {
+                    Ok(()) => presence.decide(r).map_err(ApiError::from),
+                    Err(e) => Err(ApiError::from(e)),
+                },
+            };
             let result = match decided {
                 Ok((decision, commit)) => presence
                     .commit(decision, commit)

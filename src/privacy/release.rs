@@ -319,6 +319,8 @@ impl Insights {
                     device,
                     cell: icell,
                     bucket,
+                    max_cells: config.privacy.max_cells_per_bucket,
+                    max_per_day: config.privacy.max_contributions_per_day,
                 })
             }
             Admission::Duplicate => None,

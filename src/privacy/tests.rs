@@ -305,6 +305,8 @@ async fn noise_samples(mechanism: MechanismKind, rounds: usize) -> (Vec<i64>, f6
                     device: visitor(i, n),
                     cell: *cell,
                     bucket,
+                    max_cells: u32::MAX,
+                    max_per_day: u32::MAX,
                 });
             }
             truth.insert(*cell, (i % 7) as i64);

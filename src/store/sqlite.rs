@@ -55,6 +55,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "offer deliveries",
         include_str!("migrations/sqlite/0007_offer_deliveries.sql"),
     ),
+    (8, "nodes", include_str!("migrations/sqlite/0008_nodes.sql")),
 ];
 
 fn migrator() -> Migrator {

@@ -39,7 +39,38 @@ impl TestServer {
     pub async fn start(extra_toml: &str, clock: SharedClock) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let toml = format!("{}\n{extra_toml}", store_toml(dir.path()),);
-        let config = Config::from_toml(&toml).unwrap();
+        Self::start_with(&toml, dir, clock).await
+    }
+
+    /// The URL of this server's store, for a second node to share (whatever the backend).
+    pub fn store_url(&self) -> String {
+        self.app.settings.current().config.store.url.clone()
+    }
+
+    /// Starts another node on this server's store (nodes behind a load balancer share one
+    /// database): its own memory, listeners and data dir, the same device key.
+    pub async fn join(&self, extra_toml: &str, clock: SharedClock) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let key = self.dir.path().join("device.key");
+        if key.exists() {
+            std::fs::copy(&key, dir.path().join("device.key")).unwrap();
+        }
+        let toml = format!(
+            "[store]\nurl = \"{}\"\ndata_dir = \"{}\"\n{extra_toml}",
+            self.store_url(),
+            dir.path().display()
+        );
+        Self::start_with(&toml, dir, clock).await
+    }
+
+    /// Waits until this node serves reports: a node joining live ones waits until each of
+    /// them has lowered its share of the rate limit (a few heartbeats).
+    pub async fn wait_admitted(&self) {
+        wait_admitted(&self.app).await;
+    }
+
+    async fn start_with(toml: &str, dir: tempfile::TempDir, clock: SharedClock) -> TestServer {
+        let config = Config::from_toml(toml).unwrap();
         let settings = Settings::new(config).unwrap();
         let app = App::open(settings, clock).await.unwrap();
         let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -94,6 +125,18 @@ impl TestServer {
         }
         self.dir
     }
+}
+
+/// Waits (up to 20 s) until `app`'s node is admitted to serve reports.
+pub async fn wait_admitted(app: &App) {
+    for _ in 0..200 {
+        let nodes = app.presence.nodes();
+        if nodes.joined() && nodes.admitted() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the node was not admitted within 20 s");
 }
 
 /// `[store]` settings for data dir `dir` (the store of [`store_url`]).
@@ -346,7 +389,8 @@ impl Drop for BinServer {
     }
 }
 
-/// Every row of every table of the store, as text, for before/after comparisons.
+/// Every row of every table of the store, as text, for before/after comparisons — except
+/// `nodes`, the membership heartbeat every running server renews each second.
 pub async fn dump_db(db: &Db) -> Vec<String> {
     match db {
         Db::Sqlite(path) => dump_sqlite(path).await,
@@ -360,6 +404,7 @@ async fn dump_postgres(url: &str) -> Vec<String> {
     let tables: Vec<String> = sqlx::query(
         "SELECT table_name::TEXT FROM information_schema.tables
          WHERE table_schema = current_schema() AND table_name NOT LIKE '\\_sqlx%'
+           AND table_name <> 'nodes'
          ORDER BY table_name",
     )
     .fetch_all(&mut conn)
@@ -385,7 +430,7 @@ async fn dump_sqlite(path: &Path) -> Vec<String> {
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     let tables: Vec<String> = sqlx::query(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
-         AND name NOT LIKE '_sqlx%' ORDER BY name",
+         AND name NOT LIKE '_sqlx%' AND name != 'nodes' ORDER BY name",
     )
     .fetch_all(&mut conn)
     .await

@@ -1,6 +1,7 @@
 //! The writes: what each [`WriteOp`] does inside the writer's transaction, one function per
 //! variant; [`apply_one`] only dispatches.
 
+use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
 
 use super::daily;
@@ -11,7 +12,9 @@ use crate::model::{
     OfferId, OfferStatRow, OfferStatsLedgerEntry, Purpose, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
-use crate::store::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, WriteOp, WriteResult};
+use crate::store::{
+    DeliveryLimits, DeviceCheck, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, WriteOp, WriteResult,
+};
 
 pub(super) async fn apply_one(
     conn: &mut SqliteConnection,
@@ -27,14 +30,22 @@ pub(super) async fn apply_one(
             device,
             cell,
             bucket,
-        } => contribute(conn, device, cell, bucket).await,
+            max_cells,
+            max_per_day,
+        } => contribute(conn, device, *cell, *bucket, *max_cells, *max_per_day).await,
         WriteOp::Release { entry, counts } => release(conn, entry, counts).await,
         WriteOp::Presence { device, dwell, now } => presence(conn, device, dwell, now).await,
+        WriteOp::Seen { device, dwell, now } => seen(conn, device, dwell, now).await,
         WriteOp::Notify(n) => notify(conn, n, None).await,
         WriteOp::Deliver {
             notification,
             limits,
         } => notify(conn, notification, Some(*limits)).await,
+        WriteOp::DeliverChecked {
+            device,
+            check,
+            deliveries,
+        } => deliver_checked(conn, device, check, deliveries).await,
         WriteOp::Feedback {
             device,
             notification_id,
@@ -44,6 +55,8 @@ pub(super) async fn apply_one(
         } => record_feedback(conn, device, notification_id, feedback, restriction, now).await,
         WriteOp::ContributeDay { .. } | WriteOp::ReleaseDay { .. } => daily::apply(conn, op).await,
         WriteOp::ReleaseOfferStats { entry, rows } => release_offer_stats(conn, entry, rows).await,
+        WriteOp::Heartbeat { node_id, seen } => heartbeat(conn, node_id, *seen).await,
+        WriteOp::DropNode { node_id, beats } => drop_node(conn, node_id, *beats).await,
         WriteOp::PutMerchant(m) => put_merchant(conn, m).await,
         WriteOp::RevokeMerchant { merchant_id, at } => revoke_merchant(conn, merchant_id, at).await,
         WriteOp::PutOffer(o) => put_offer(conn, o).await,
@@ -175,21 +188,60 @@ async fn many(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<WriteResul
 async fn contribute(
     conn: &mut SqliteConnection,
     device: &DeviceId,
-    cell: &u64,
-    bucket: &Timestamp,
+    cell: u64,
+    bucket: Timestamp,
+    max_cells: u32,
+    max_per_day: u32,
 ) -> Result<WriteResult, sqlx::Error> {
+    let id = &device.0[..];
+    let known =
+        sqlx::query("SELECT 1 FROM contributions WHERE bucket = ? AND cell = ? AND device = ?")
+            .bind(bucket.millis())
+            .bind(cell as i64)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if known.is_some() {
+        return Ok(WriteResult::Done);
+    }
+    // The bounds are decided on the device's stored spend (every node's pairs, released
+    // buckets' too, within reach of a window holding `bucket`) by the same rule the
+    // in-memory tracker applies, in this transaction: two nodes cannot jointly exceed them.
+    let window = crate::privacy::contrib::WINDOW_MS;
+    let mut held: Vec<(Timestamp, u64)> = Vec::new();
+    for r in sqlx::query(
+        "SELECT bucket, pairs FROM contribution_spend
+         WHERE device = ? AND bucket > ? AND bucket < ?",
+    )
+    .bind(id)
+    .bind(bucket.millis() - window)
+    .bind(bucket.millis() + window)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let b = Timestamp(r.try_get("bucket")?);
+        let pairs: i64 = r.try_get("pairs")?;
+        held.extend((0..pairs).map(|_| (b, crate::privacy::contrib::FORGOTTEN)));
+    }
+    let admission = crate::privacy::contrib::admit(&mut held, bucket, cell, max_cells, max_per_day);
+    if admission != crate::privacy::contrib::Admission::New {
+        return Ok(WriteResult::Done);
+    }
     // Conditional on the device's consent in this very transaction: a contribution
-    // decided just before a withdrawal cannot outlive the erasure.
+    // decided just before a withdrawal cannot outlive the erasure; and on the bucket not
+    // being released (a report racing another node's release is dropped).
     let added = sqlx::query(
         "INSERT OR IGNORE INTO contributions (bucket, cell, device)
          SELECT ?, ?, ? WHERE EXISTS
-           (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)",
+           (SELECT 1 FROM devices WHERE device = ? AND (purposes & ?) != 0)
+           AND NOT EXISTS (SELECT 1 FROM ledger WHERE bucket = ?)",
     )
     .bind(bucket.millis())
-    .bind(*cell as i64)
-    .bind(&device.0[..])
-    .bind(&device.0[..])
+    .bind(cell as i64)
+    .bind(id)
+    .bind(id)
     .bind(i64::from(Purpose::FootTraffic.bit()))
+    .bind(bucket.millis())
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -198,12 +250,36 @@ async fn contribute(
             "INSERT INTO contribution_spend (device, bucket, pairs) VALUES (?, ?, 1)
              ON CONFLICT (device, bucket) DO UPDATE SET pairs = pairs + 1",
         )
-        .bind(&device.0[..])
+        .bind(id)
         .bind(bucket.millis())
         .execute(&mut *conn)
         .await?;
     }
     Ok(WriteResult::Done)
+}
+
+/// The offers of one reply: recorded only if the device's caps, re-decided on its stored
+/// state in this transaction, allow all of them (see [`WriteOp::DeliverChecked`]).
+async fn deliver_checked(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    check: &DeviceCheck,
+    deliveries: &[(Notification, DeliveryLimits)],
+) -> Result<WriteResult, sqlx::Error> {
+    let stored = super::reads::stored_device(&mut *conn, device)
+        .await
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    match stored {
+        Some(stored) if (check.0)(&stored) => {}
+        _ => return Ok(WriteResult::Count(0)),
+    }
+    let mut recorded = 0;
+    for (n, limits) in deliveries {
+        if let WriteResult::Count(k) = notify(conn, n, Some(*limits)).await? {
+            recorded += k;
+        }
+    }
+    Ok(WriteResult::Count(recorded))
 }
 
 async fn release(
@@ -273,6 +349,28 @@ async fn presence(
     Ok(WriteResult::Done)
 }
 
+async fn seen(
+    conn: &mut SqliteConnection,
+    device: &DeviceId,
+    dwell: &Dwell,
+    now: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "UPDATE devices SET last_activity = MAX(last_activity, ?),
+           cell_last_seen = CASE WHEN cell = ? AND COALESCE(dwell_anchor, cell) = ?
+             THEN MAX(COALESCE(cell_last_seen, 0), ?) ELSE cell_last_seen END
+         WHERE device = ?",
+    )
+    .bind(now.millis())
+    .bind(dwell.cell as i64)
+    .bind(dwell.anchor as i64)
+    .bind(dwell.last_seen.millis())
+    .bind(&device.0[..])
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
 async fn record_feedback(
     conn: &mut SqliteConnection,
     device: &DeviceId,
@@ -289,12 +387,19 @@ async fn record_feedback(
         .await?;
     if let Some(r) = restriction {
         // Conditional on the device row: feedback decided just before a withdrawal
-        // cannot leave a restriction behind the erasure.
+        // cannot leave a restriction behind the erasure. Merged, never lowered: a node whose
+        // memory of the standing is stale (another node recorded more dismissals, a longer
+        // back-off or a mute) cannot shorten what the store holds.
         sqlx::query(
             "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
              SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?)
-             ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
-               dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
+             ON CONFLICT (device, merchant_id) DO UPDATE
+               SET muted = MAX(restrictions.muted, excluded.muted),
+               dismissals = MAX(restrictions.dismissals, excluded.dismissals),
+               backoff_until = CASE
+                 WHEN restrictions.backoff_until IS NULL THEN excluded.backoff_until
+                 WHEN excluded.backoff_until IS NULL THEN restrictions.backoff_until
+                 ELSE MAX(restrictions.backoff_until, excluded.backoff_until) END",
         )
         .bind(&r.device.0[..])
         .bind(r.merchant_id.to_string())
@@ -353,6 +458,36 @@ async fn release_offer_stats(
         q.build().execute(&mut *conn).await?;
     }
     Ok(WriteResult::Count(1))
+}
+
+async fn heartbeat(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    seen: i64,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO nodes (node_id, beats, seen) VALUES (?, 1, ?)
+         ON CONFLICT (node_id) DO UPDATE SET beats = nodes.beats + 1, seen = excluded.seen",
+    )
+    .bind(node_id)
+    .bind(seen)
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn drop_node(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    beats: i64,
+) -> Result<WriteResult, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM nodes WHERE node_id = ? AND beats = ?")
+        .bind(node_id)
+        .bind(beats)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(WriteResult::Count(n))
 }
 
 async fn put_merchant(
