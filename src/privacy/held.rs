@@ -17,6 +17,8 @@
 //! bound (cells per bucket, pairs per window, cells per day) counts records and their `n`,
 //! not distinct cells. A time that does not fit the layout is refused (sends less).
 
+use smallvec::SmallVec;
+
 /// Compact times count from 2020-01-01T00:00:00Z (a UTC midnight).
 const EPOCH_MS: i64 = 1_577_836_800_000;
 const DAY_MS: i64 = 86_400_000;
@@ -30,10 +32,17 @@ pub fn fingerprint(cell: u64) -> u16 {
     (cell.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u16
 }
 
-/// A device's held contributions (see the module doc for the layout).
+/// Words a [`Held`] keeps on the stack while it is worked on (more spill to the heap): a
+/// report's bound check allocates nothing for a device holding up to this many.
+const STACK_WORDS: usize = 32;
+
+type Words = SmallVec<[u16; STACK_WORDS]>;
+
+/// A device's held contributions (see the module doc for the layout), as worked on during
+/// one admission; the device table stores [`Held::words`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
-    words: Vec<u16>,
+    words: Words,
 }
 
 /// One hourly record, decoded.
@@ -72,7 +81,7 @@ impl Held {
     /// From the stored words (as [`Held::words`] gave them).
     pub fn from_words(words: &[u16]) -> Self {
         Held {
-            words: words.to_vec(),
+            words: Words::from_slice(words),
         }
     }
 
@@ -195,7 +204,7 @@ impl Held {
         let Some(len) = u16::try_from(self.hourly_len() + record.len()).ok() else {
             return false;
         };
-        self.words.splice(at..at, record.iter().copied());
+        self.words.insert_many(at, record.iter().copied());
         self.words[0] = len;
         true
     }
@@ -213,7 +222,7 @@ impl Held {
         if !changed {
             return;
         }
-        let mut out = vec![0u16];
+        let mut out = Words::from_slice(&[0]);
         for b in self.buckets() {
             if b.start <= drop_through {
                 continue;
@@ -271,7 +280,7 @@ impl Held {
             return;
         }
         let start = 1 + self.hourly_len();
-        let mut out = self.words[..start].to_vec();
+        let mut out = Words::from_slice(&self.words[..start]);
         let mut at = start;
         while at + 2 <= self.words.len() {
             let n = usize::from(self.words[at + 1]);
@@ -287,7 +296,7 @@ impl Held {
 
     fn trim(&mut self) {
         if self.is_empty() {
-            self.words = Vec::new();
+            self.words = Words::new();
         }
     }
 }
