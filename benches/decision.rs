@@ -437,7 +437,7 @@ fn main() {
     let rss_per_device = rss0.zip(rss1).map(|(a, b)| per(a, b, scale.devices));
     println!(
         "devices: {} consenting; {per_device:.1} heap bytes/device (RSS {} bytes/device); \
-         entry {} bytes + 1 control byte, shard 0 holds {} in room for {}",
+         entry {} bytes (+ 5 in the index), shard 0 holds {} in room for {}",
         scale.devices,
         fmt_num(rss_per_device),
         std::mem::size_of::<(DeviceId, DeviceState)>(),

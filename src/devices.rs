@@ -6,13 +6,14 @@
 //! rebuilt from the store at start. Only consenting devices have an entry — a report from an
 //! unknown token creates nothing, in memory or on disk.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
+
+use hashbrown::HashTable;
 
 use crate::caps::{Sent, Standing};
 use crate::clock::Timestamp;
 use crate::model::{DeviceRow, Dwell, MerchantId, Notification, Purposes, Restriction};
+use crate::privacy::held::Held;
 use crate::pseudonym::DeviceId;
 
 const SHARDS: usize = 64;
@@ -21,10 +22,9 @@ pub const LOG_TAIL: usize = 16;
 /// Compact times count from 2020-01-01T00:00:00Z.
 const EPOCH_MS: i64 = 1_577_836_800_000;
 
-/// A device's hot state: 48 bytes (64 with its key), so a million active devices fit in
-/// well under 150 MB whatever the hash table's fill. Times are kept compactly (seconds, or
-/// tenths for the rate limiter); the cap-relevant ones are rounded in the direction that
-/// sends less: dwell starts up, last sightings down.
+/// A device's hot state: 48 bytes (64 with its key in the shard's dense table). Times are
+/// kept compactly (seconds, or tenths for the rate limiter); the cap-relevant ones are
+/// rounded in the direction that sends less: dwell starts up, last sightings down.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceState {
     pub purposes: Purposes,
@@ -36,8 +36,40 @@ pub struct DeviceState {
     /// since 2020: reports in between that change no durable fact are not written.
     persisted_s: u32,
     dwell: CompactDwell,
-    /// Everything only some devices have: notifications, standings, contributions.
-    pub extra: Option<Box<Extra>>,
+    /// Everything only some devices have: contributions held for bounding, and (rarer)
+    /// notifications and standings.
+    ext: Option<Box<Ext>>,
+}
+
+const _: () = assert!(std::mem::size_of::<DeviceState>() == 48);
+const _: () = assert!(std::mem::size_of::<Ext>() == 56);
+
+/// Words of held contributions kept inline: the whole `Ext` is 56 bytes, one 64-byte malloc
+/// chunk — room for a device counted in a few buckets and cells of its day.
+const INLINE_WORDS: usize = 27;
+
+/// A device's optional part, one allocation: a counted device that was never notified
+/// keeps its held contributions (`privacy::held`, a few `u16` words) inline; a notified
+/// device, or one holding more words, has the full form.
+#[derive(Debug, Clone)]
+enum Ext {
+    Small { len: u8, words: [u16; INLINE_WORDS] },
+    Full(Box<Full>),
+}
+
+#[derive(Debug, Clone, Default)]
+struct Full {
+    extra: Extra,
+    held: Vec<u16>,
+}
+
+impl Ext {
+    fn held(&self) -> &[u16] {
+        match self {
+            Ext::Small { len, words } => &words[..usize::from(*len)],
+            Ext::Full(f) => &f.held,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,7 +81,7 @@ struct CompactDwell {
     last_seen_s: u32,
 }
 
-/// The parts of a device's state that only notified or counted devices have.
+/// The parts of a device's state that only notified devices have.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
     /// Notifications as the caps see them, oldest first.
@@ -57,9 +89,6 @@ pub struct Extra {
     /// Per notification (same order): its id and the cell it was sent in.
     pub meta: Vec<(uuid::Uuid, u64)>,
     pub standings: Vec<(MerchantId, Standing)>,
-    /// Foot-traffic contributions (bucket, cell) for contribution bounding: unreleased ones,
-    /// and released ones of the last day with their cell forgotten.
-    pub contrib: Vec<(Timestamp, u64)>,
 }
 
 fn to_secs(t: Timestamp, round_up: bool) -> u32 {
@@ -133,18 +162,49 @@ impl DeviceState {
         Ok(())
     }
 
+    /// The notifications and standings, if the device has any.
+    pub fn extra(&self) -> Option<&Extra> {
+        match self.ext.as_deref() {
+            Some(Ext::Full(f)) => Some(&f.extra),
+            _ => None,
+        }
+    }
+
+    /// Mutable access to the notifications and standings, if the device has any.
+    pub fn extra_mut(&mut self) -> Option<&mut Extra> {
+        match self.ext.as_deref_mut() {
+            Some(Ext::Full(f)) => Some(&mut f.extra),
+            _ => None,
+        }
+    }
+
+    /// The notifications and standings, created empty if the device had none.
+    fn extra_or_default(&mut self) -> &mut Extra {
+        let ext = self
+            .ext
+            .get_or_insert_with(|| Box::new(Ext::Full(Box::default())));
+        if let Ext::Small { .. } = **ext {
+            let held = ext.held().to_vec();
+            **ext = Ext::Full(Box::new(Full {
+                extra: Extra::default(),
+                held,
+            }));
+        }
+        match &mut **ext {
+            Ext::Full(f) => &mut f.extra,
+            // Unwrap safety: made full just above.
+            Ext::Small { .. } => unreachable!("made full above"),
+        }
+    }
+
     /// The notification log as the caps see it, oldest first.
     pub fn sent(&self) -> &[Sent] {
-        self.extra
-            .as_ref()
-            .map(|e| e.sent.as_slice())
-            .unwrap_or(&[])
+        self.extra().map(|e| e.sent.as_slice()).unwrap_or(&[])
     }
 
     /// The device's standing towards `merchant`.
     pub fn standing(&self, merchant: MerchantId) -> Standing {
-        self.extra
-            .as_ref()
+        self.extra()
             .and_then(|l| l.standings.iter().find(|(m, _)| *m == merchant))
             .map(|(_, s)| *s)
             .unwrap_or_default()
@@ -152,7 +212,7 @@ impl DeviceState {
 
     /// Sets the standing towards `merchant`.
     pub fn set_standing(&mut self, merchant: MerchantId, standing: Standing) {
-        let extra = self.extra.get_or_insert_with(Default::default);
+        let extra = self.extra_or_default();
         match extra.standings.iter_mut().find(|(m, _)| *m == merchant) {
             Some((_, s)) => *s = standing,
             None => extra.standings.push((merchant, standing)),
@@ -167,7 +227,7 @@ impl DeviceState {
         sent: Sent,
         now: Timestamp,
     ) {
-        let extra = self.extra.get_or_insert_with(Default::default);
+        let extra = self.extra_or_default();
         extra.sent.push(sent);
         extra.meta.push((notification_id, cell));
         let week_ago = now.minus(crate::caps::WEEK);
@@ -181,31 +241,179 @@ impl DeviceState {
         extra.meta.drain(..removable);
     }
 
-    /// Mutable access to the contributions held for bounding.
-    pub fn contributions(&mut self) -> &mut Vec<(Timestamp, u64)> {
-        &mut self.extra.get_or_insert_with(Default::default).contrib
+    /// The contributions held for bounding (a copy; give it back with
+    /// [`DeviceState::put_held`]).
+    pub fn take_held(&self) -> Held {
+        Held::from_words(self.ext.as_deref().map_or(&[], Ext::held))
+    }
+
+    /// Stores the contributions held for bounding (nothing is written if unchanged).
+    pub fn put_held(&mut self, held: Held) {
+        let words = held.words();
+        if self.ext.as_deref().map_or(&[][..], Ext::held) == words {
+            return;
+        }
+        match self.ext.as_deref_mut() {
+            Some(Ext::Full(f)) => {
+                f.held = words.to_vec();
+                return;
+            }
+            None if words.is_empty() => return,
+            _ => {}
+        }
+        // No notifications: inline if it fits, else the full form.
+        if words.is_empty() {
+            self.ext = None;
+        } else if words.len() <= INLINE_WORDS {
+            let mut inline = [0u16; INLINE_WORDS];
+            inline[..words.len()].copy_from_slice(words);
+            let small = Ext::Small {
+                // Unwrap safety: at most INLINE_WORDS (27).
+                len: u8::try_from(words.len()).unwrap_or(u8::MAX),
+                words: inline,
+            };
+            match self.ext.as_deref_mut() {
+                Some(ext) => *ext = small,
+                None => self.ext = Some(Box::new(small)),
+            }
+        } else {
+            self.ext = Some(Box::new(Ext::Full(Box::new(Full {
+                extra: Extra::default(),
+                held: words.to_vec(),
+            }))));
+        }
     }
 }
 
 /// Hashes a [`DeviceId`] by its first 8 bytes: ids are keyed-HMAC outputs, uniformly
 /// distributed and unpredictable without the key, so no further mixing is needed.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
-        }
-    }
+fn id_hash(id: &DeviceId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_le_bytes(b)
 }
 
-type Shard = HashMap<DeviceId, DeviceState, BuildHasherDefault<IdHasher>>;
+/// One shard: the devices in a dense vector and an index from the id's hash to the
+/// device's slot (a `u32`, 5 bytes per entry with its control byte at whatever fill),
+/// so the per-device cost is the entry's 64 bytes, not 64 bytes over the hash table's
+/// load factor. Removal swaps the last device into the freed slot.
+#[derive(Debug, Default)]
+pub struct Shard {
+    slots: Vec<(DeviceId, DeviceState)>,
+    index: HashTable<u32>,
+}
+
+impl Shard {
+    fn slot_of(&self, id: &DeviceId) -> Option<usize> {
+        let slots = &self.slots;
+        self.index
+            .find(id_hash(id), |&s| slots[s as usize].0 == *id)
+            .map(|&s| s as usize)
+    }
+
+    pub fn get(&self, id: &DeviceId) -> Option<&DeviceState> {
+        self.slot_of(id).map(|s| &self.slots[s].1)
+    }
+
+    pub fn get_mut(&mut self, id: &DeviceId) -> Option<&mut DeviceState> {
+        self.slot_of(id).map(|s| &mut self.slots[s].1)
+    }
+
+    pub fn contains_key(&self, id: &DeviceId) -> bool {
+        self.slot_of(id).is_some()
+    }
+
+    /// The device's state, inserted as default if absent.
+    pub fn get_or_insert_default(&mut self, id: DeviceId) -> &mut DeviceState {
+        let slot = match self.slot_of(&id) {
+            Some(s) => s,
+            None => self.push(id, DeviceState::default()),
+        };
+        &mut self.slots[slot].1
+    }
+
+    /// Inserts or replaces the device's state; returns the previous one.
+    pub fn insert(&mut self, id: DeviceId, state: DeviceState) -> Option<DeviceState> {
+        match self.slot_of(&id) {
+            Some(s) => Some(std::mem::replace(&mut self.slots[s].1, state)),
+            None => {
+                self.push(id, state);
+                None
+            }
+        }
+    }
+
+    fn push(&mut self, id: DeviceId, state: DeviceState) -> usize {
+        let slot = self.slots.len();
+        // Unwrap safety: a shard never holds 4 billion devices (the table would need
+        // 256 GB); refusing here would lose a consent, so this is a hard limit.
+        let s = u32::try_from(slot).expect("fewer than 2^32 devices per shard");
+        self.slots.push((id, state));
+        let slots = &self.slots;
+        self.index
+            .insert_unique(id_hash(&id), s, |&i| id_hash(&slots[i as usize].0));
+        slot
+    }
+
+    /// Removes the device; returns its state.
+    pub fn remove(&mut self, id: &DeviceId) -> Option<DeviceState> {
+        let slot = self.slot_of(id)?;
+        Some(self.remove_slot(slot))
+    }
+
+    fn remove_slot(&mut self, slot: usize) -> DeviceState {
+        let id = self.slots[slot].0;
+        if let Ok(entry) = self.index.find_entry(id_hash(&id), |&s| s as usize == slot) {
+            entry.remove();
+        }
+        let last = self.slots.len() - 1;
+        let (_, state) = self.slots.swap_remove(slot);
+        if slot != last {
+            let moved = self.slots[slot].0;
+            if let Some(s) = self
+                .index
+                .find_mut(id_hash(&moved), |&s| s as usize == last)
+            {
+                *s = slot as u32;
+            }
+        }
+        state
+    }
+
+    /// Keeps only the devices for which `keep` returns true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&DeviceId, &mut DeviceState) -> bool) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let (id, state) = &mut self.slots[i];
+            if keep(id, state) {
+                i += 1;
+            } else {
+                self.remove_slot(i);
+            }
+        }
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&DeviceId, &mut DeviceState)> {
+        self.slots.iter_mut().map(|(id, s)| (&*id, s))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &DeviceState)> {
+        self.slots.iter().map(|(id, s)| (id, s))
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Devices the dense vector has room for without growing.
+    pub fn capacity(&self) -> usize {
+        self.slots.capacity()
+    }
+}
 
 /// The sharded table.
 #[derive(Debug)]
@@ -236,7 +444,7 @@ impl Devices {
             shard.remove(&id);
             return;
         }
-        let state = shard.entry(id).or_default();
+        let state = shard.get_or_insert_default(id);
         state.purposes = purposes;
         state.set_last_activity(now);
         // The consent write stores this activity with the receipt.
@@ -291,24 +499,37 @@ impl Devices {
         self.len() == 0
     }
 
-    /// Restores contribution bounds from the unreleased contributions in the store and the
-    /// spend of released buckets (pairs without their cells) that still counts towards the
-    /// rolling per-day bound.
+    /// Restores contribution bounds from the unreleased contributions in the store (hourly
+    /// `(device, cell, bucket)` and daily `(device, cell, day)` rows) and the spend of
+    /// released buckets (pairs without their cells) that still counts towards the rolling
+    /// per-day bound. Every row is held as its own pair, even when two cells' fingerprints
+    /// collide: restored bounds may count more, never less.
     pub fn load_contributions(
         &self,
         rows: Vec<(DeviceId, u64, Timestamp)>,
         released_spend: Vec<(DeviceId, Timestamp, u32)>,
+        daily: Vec<(DeviceId, u64, Timestamp)>,
     ) {
-        for (device, cell, bucket) in rows {
-            if let Some(state) = self.lock(&device).get_mut(&device) {
-                state.contributions().push((bucket, cell));
+        let restore = |device: &DeviceId, add: &mut dyn FnMut(&mut Held) -> bool| {
+            let mut shard = self.lock(device);
+            if let Some(state) = shard.get_mut(device) {
+                let mut held = state.take_held();
+                if !add(&mut held) {
+                    // A time the compact form cannot hold: the store's own bounds still
+                    // apply to what is written, but say so.
+                    tracing::warn!("a restored contribution could not be held in memory");
+                }
+                state.put_held(held);
             }
+        };
+        for (device, cell, bucket) in rows {
+            restore(&device, &mut |h| h.push_pair(bucket.millis(), cell));
         }
         for (device, bucket, pairs) in released_spend {
-            if let Some(state) = self.lock(&device).get_mut(&device) {
-                let held = state.contributions();
-                held.extend((0..pairs).map(|_| (bucket, crate::privacy::contrib::FORGOTTEN)));
-            }
+            restore(&device, &mut |h| h.push_released(bucket.millis(), pairs));
+        }
+        for (device, cell, day) in daily {
+            restore(&device, &mut |h| h.push_day(day.millis(), cell));
         }
     }
 
@@ -397,7 +618,7 @@ impl Devices {
         }
         for n in notifications {
             if let Some(state) = self.lock(&n.device).get_mut(&n.device) {
-                let extra = state.extra.get_or_insert_with(Default::default);
+                let extra = state.extra_or_default();
                 extra.sent.push(Sent {
                     offer_id: n.offer_id,
                     merchant_id: n.merchant_id,
@@ -419,5 +640,129 @@ impl Devices {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Purpose;
+    use crate::privacy::held::fingerprint;
+
+    /// Ids sharing their first 8 bytes (one hash): the index must tell them apart by slot.
+    fn id(n: u8, same_hash: bool) -> DeviceId {
+        let mut b = [0u8; 16];
+        if !same_hash {
+            b[0] = n;
+        }
+        b[8] = n;
+        DeviceId(b)
+    }
+
+    fn state(purposes: Purposes, at: i64) -> DeviceState {
+        let mut s = DeviceState {
+            purposes,
+            ..DeviceState::default()
+        };
+        s.set_last_activity(Timestamp(EPOCH_MS + at * 1000));
+        s
+    }
+
+    #[test]
+    fn swap_remove_keeps_every_other_device_findable() {
+        let foot = Purposes::from_iter([Purpose::FootTraffic]);
+        for same_hash in [false, true] {
+            let mut shard = Shard::default();
+            for n in 0..50u8 {
+                assert!(
+                    shard
+                        .insert(id(n, same_hash), state(foot, i64::from(n)))
+                        .is_none()
+                );
+            }
+            // Remove from the front, the middle and the end: each moves the last device.
+            for n in [0u8, 25, 49, 1] {
+                let gone = shard.remove(&id(n, same_hash)).unwrap();
+                assert_eq!(
+                    gone.last_activity(),
+                    Timestamp(EPOCH_MS + i64::from(n) * 1000)
+                );
+                assert!(!shard.contains_key(&id(n, same_hash)));
+                assert!(shard.remove(&id(n, same_hash)).is_none());
+            }
+            assert_eq!(shard.len(), 46);
+            for n in (0..50u8).filter(|n| ![0, 25, 49, 1].contains(n)) {
+                let s = shard.get(&id(n, same_hash)).unwrap();
+                assert_eq!(s.last_activity(), Timestamp(EPOCH_MS + i64::from(n) * 1000));
+            }
+            // Retain removes while iterating, swapping later devices into freed slots.
+            shard.retain(|_, s| s.last_activity().millis() % 2000 == 0);
+            assert_eq!(shard.len(), 24);
+            for n in 2..49u8 {
+                assert_eq!(shard.contains_key(&id(n, same_hash)), n % 2 == 0, "{n}");
+            }
+            // A replacing insert keeps one entry.
+            assert!(shard.insert(id(2, same_hash), state(foot, 7)).is_some());
+            assert_eq!(shard.len(), 24);
+            assert_eq!(
+                shard.get(&id(2, same_hash)).unwrap().last_activity(),
+                Timestamp(EPOCH_MS + 7000)
+            );
+        }
+    }
+
+    #[test]
+    fn held_contributions_stay_inline_until_a_notification_and_survive_it() {
+        let mut s = DeviceState::default();
+        let mut held = s.take_held();
+        assert!(held.push_pair(EPOCH_MS, 42));
+        s.put_held(held);
+        assert!(matches!(s.ext.as_deref(), Some(Ext::Small { .. })));
+        assert!(
+            s.extra().is_none(),
+            "a counted device has no notification part"
+        );
+        s.set_standing(
+            uuid::Uuid::nil(),
+            Standing {
+                muted: true,
+                ..Standing::default()
+            },
+        );
+        assert!(
+            s.take_held().holds(EPOCH_MS, 42),
+            "kept across the change of form"
+        );
+        assert!(s.standing(uuid::Uuid::nil()).muted);
+        s.put_held(Held::default());
+        assert!(s.take_held().is_empty());
+        assert!(s.standing(uuid::Uuid::nil()).muted);
+    }
+
+    #[test]
+    fn bounds_are_restored_at_start_from_the_stores_rows() {
+        let devices = Devices::default();
+        let foot = Purposes::from_iter([Purpose::FootTraffic]);
+        let (a, stranger) = (DeviceId([3; 16]), DeviceId([4; 16]));
+        devices.set_purposes(a, foot, Timestamp(EPOCH_MS));
+        let bucket = Timestamp(EPOCH_MS + 3_600_000);
+        let released = Timestamp(EPOCH_MS);
+        let day = Timestamp(EPOCH_MS);
+        devices.load_contributions(
+            vec![(a, 11, bucket), (a, 12, bucket), (stranger, 11, bucket)],
+            vec![(a, released, 3)],
+            vec![(a, 11, day), (a, 13, day)],
+        );
+        let held = devices.lock(&a).get(&a).unwrap().take_held();
+        assert_eq!(held.pairs_in(bucket.millis()), 2);
+        assert!(held.holds(bucket.millis(), 12));
+        assert_eq!(held.pairs_in(released.millis()), 3);
+        assert!(!held.holds(released.millis(), 11));
+        let cells: Vec<u16> = held.day_cells(day.millis()).collect();
+        assert_eq!(cells, vec![fingerprint(11), fingerprint(13)]);
+        assert!(
+            !devices.lock(&stranger).contains_key(&stranger),
+            "rows of a device without consent create nothing"
+        );
     }
 }

@@ -528,7 +528,7 @@ impl Presence {
         let op = {
             let mut shard = self.devices.lock(&device);
             let state = shard.get_mut(&device).ok_or(PresenceError::UnknownOffer)?;
-            let extra = state.extra.as_mut().ok_or(PresenceError::UnknownOffer)?;
+            let extra = state.extra_mut().ok_or(PresenceError::UnknownOffer)?;
             let i = extra
                 .sent
                 .iter()

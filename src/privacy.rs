@@ -7,6 +7,7 @@ pub mod accounting;
 pub mod contrib;
 pub mod daily;
 pub mod domain;
+pub mod held;
 pub mod mechanism;
 pub mod offer_stats;
 pub mod query;

@@ -117,6 +117,7 @@ impl App {
         devices.load_contributions(
             store.load_contributions().await?,
             store.load_contribution_spend(released_through).await?,
+            store.load_daily_contributions().await?,
         );
         offers.refresh().await?;
         tracing::info!(

@@ -4,9 +4,9 @@
 //! `Insights::contribute`), measured as the growth of the process's resident set
 //! (`/proc/self/statm`). Memory, not time: the figure does not depend on the machine's load.
 //! Its own test binary with a single test, so no other test's allocations move the figure.
-//! It prints the figure and its split between the device table and the contribution bounds.
-//! Ignored until the compact device table and bound tracker land (then the `#[ignore]` goes):
-//! `cargo test --test memory -- --ignored --nocapture`.
+//! It prints the figure and its split between the device table and the contribution bounds:
+//! `cargo test --test memory -- --nocapture` (about 25 s in a debug build). Measured 139.0 B
+//! (table 76.4, bounds 62.6) with the dense table and `privacy::held`; 558.6 B before.
 
 use std::sync::Arc;
 
@@ -41,8 +41,6 @@ fn device(n: u32) -> DeviceId {
 }
 
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "issue 11 target 4 not met yet: 558.6 B/device measured on main (device table 138, \
-            contribution bounds 420); run with --ignored"]
 async fn a_million_contributing_devices_fit_in_150_bytes_each() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))

@@ -16,24 +16,20 @@
 //! counts this release's cost twice.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use crate::clock::Timestamp;
 use crate::config::MechanismKind;
 use crate::model::{LedgerEntry, ReleasedCount};
-use crate::pseudonym::DeviceId;
 use crate::settings::Settings;
 use crate::store::{Store, WriteOp};
 
 use super::domain;
+use super::held::{Held, fingerprint};
 use super::mechanism;
 use super::release::{InsightsError, Noise, mechanism_of};
 
 /// One UTC day.
 pub const DAY_MS: i64 = super::offer_stats::DAY_MS;
-
-/// Shards of the in-memory bound (by the pseudonym's first byte).
-const SHARDS: usize = 64;
 
 /// What became of one candidate daily contribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +38,8 @@ pub enum DayAdmission {
     New,
     /// Already counted in this cell on this day.
     Duplicate,
-    /// The device already counts in `max_cells_per_day` cells of this day.
+    /// The device already counts in `max_cells_per_day` cells of this day (or the day
+    /// cannot be held in the compact form: refused, sends less).
     CellBound,
 }
 
@@ -51,87 +48,29 @@ pub fn day_of(t: Timestamp) -> Timestamp {
     Timestamp(t.millis().div_euclid(DAY_MS) * DAY_MS)
 }
 
-/// Decides about `(day, cell)` given the device's held `(day, cell)` pairs and records it in
-/// `held` when new.
-pub fn admit(held: &mut Vec<(i64, u64)>, day: i64, cell: u64, max_cells: u32) -> DayAdmission {
-    if held.iter().any(|(d, c)| *d == day && *c == cell) {
-        return DayAdmission::Duplicate;
+/// Decides about `(day, cell)` given the device's held cells of unreleased days (forgetting
+/// those of days up to `released_through` first) and records it in `held` when new. Cells
+/// are compared by fingerprint: a collision is taken for a duplicate (counts less).
+pub fn admit(
+    held: &mut Held,
+    day: i64,
+    cell: u64,
+    max_cells: u32,
+    released_through: i64,
+) -> DayAdmission {
+    held.prune_days(released_through);
+    let fp = fingerprint(cell);
+    let mut n = 0u32;
+    for c in held.day_cells(day) {
+        if c == fp {
+            return DayAdmission::Duplicate;
+        }
+        n += 1;
     }
-    if held.iter().filter(|(d, _)| *d == day).count() as u32 >= max_cells {
+    if n >= max_cells || !held.push_day(day, cell) {
         return DayAdmission::CellBound;
     }
-    held.push((day, cell));
     DayAdmission::New
-}
-
-/// One shard of [`Held`]: each device's (day, cell) pairs.
-type Shard = HashMap<DeviceId, Vec<(i64, u64)>>;
-
-/// The daily cells each device holds for unreleased days: a few dozen bytes per device seen
-/// today, dropped when its day is released.
-#[derive(Debug)]
-pub struct Held {
-    shards: Vec<Mutex<Shard>>,
-}
-
-impl Default for Held {
-    fn default() -> Self {
-        Held {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-        }
-    }
-}
-
-impl Held {
-    fn shard(&self, device: &DeviceId) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[usize::from(device.0[0]) % SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Admits `(day, cell)` for `device`, forgetting its days released by `released_through`.
-    pub fn admit(
-        &self,
-        device: DeviceId,
-        day: i64,
-        cell: u64,
-        max_cells: u32,
-        released_through: i64,
-    ) -> DayAdmission {
-        let mut shard = self.shard(&device);
-        let held = shard.entry(device).or_default();
-        held.retain(|(d, _)| *d > released_through);
-        admit(held, day, cell, max_cells)
-    }
-
-    /// Restores the bound from the store's unreleased daily contributions.
-    pub fn load(&self, rows: Vec<(DeviceId, u64, Timestamp)>) {
-        for (device, cell, day) in rows {
-            self.shard(&device)
-                .entry(device)
-                .or_default()
-                .push((day.millis(), cell));
-        }
-    }
-
-    /// Drops every pair of days up to `released_through`.
-    pub fn prune(&self, released_through: i64) {
-        for shard in &self.shards {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, held| {
-                held.retain(|(d, _)| *d > released_through);
-                !held.is_empty()
-            });
-        }
-    }
-
-    /// Devices holding any pair (for tests and metrics).
-    pub fn devices(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
-    }
 }
 
 /// Releases the UTC day starting at `day`; `Ok(false)` if it had been released already.
@@ -215,26 +154,58 @@ pub(crate) async fn release_day(
 mod tests {
     use super::*;
 
+    /// 2026-01-05T00:00:00Z.
+    const D0: i64 = 1_767_571_200_000;
+
     #[test]
     fn bounds_cells_per_day_not_per_hour() {
-        let mut held = Vec::new();
+        let mut held = Held::default();
         for cell in 1..=3 {
-            assert_eq!(admit(&mut held, 0, cell, 3), DayAdmission::New);
+            assert_eq!(admit(&mut held, D0, cell, 3, i64::MIN), DayAdmission::New);
         }
-        assert_eq!(admit(&mut held, 0, 2, 3), DayAdmission::Duplicate);
-        assert_eq!(admit(&mut held, 0, 4, 3), DayAdmission::CellBound);
+        assert_eq!(
+            admit(&mut held, D0, 2, 3, i64::MIN),
+            DayAdmission::Duplicate
+        );
+        assert_eq!(
+            admit(&mut held, D0, 4, 3, i64::MIN),
+            DayAdmission::CellBound
+        );
         // The next UTC day starts afresh (the accounting counts two days per window).
-        assert_eq!(admit(&mut held, DAY_MS, 4, 3), DayAdmission::New);
+        assert_eq!(
+            admit(&mut held, D0 + DAY_MS, 4, 3, i64::MIN),
+            DayAdmission::New
+        );
     }
 
     #[test]
     fn the_in_memory_bound_forgets_released_days_only() {
-        let held = Held::default();
-        let d = DeviceId([7; 16]);
-        assert_eq!(held.admit(d, 0, 1, 1, i64::MIN), DayAdmission::New);
-        assert_eq!(held.admit(d, 0, 2, 1, i64::MIN), DayAdmission::CellBound);
-        assert_eq!(held.admit(d, DAY_MS, 2, 1, 0), DayAdmission::New);
-        held.prune(DAY_MS);
-        assert_eq!(held.devices(), 0);
+        let mut held = Held::default();
+        assert_eq!(admit(&mut held, D0, 1, 1, i64::MIN), DayAdmission::New);
+        assert_eq!(
+            admit(&mut held, D0, 2, 1, i64::MIN),
+            DayAdmission::CellBound
+        );
+        assert_eq!(admit(&mut held, D0 + DAY_MS, 2, 1, D0), DayAdmission::New);
+        assert_eq!(
+            held.day_cells(D0).count(),
+            0,
+            "the released day is forgotten"
+        );
+        held.prune_days(D0 + DAY_MS);
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn a_day_that_cannot_be_held_is_refused() {
+        let mut held = Held::default();
+        assert_eq!(
+            admit(&mut held, D0 + 1, 1, 8, i64::MIN),
+            DayAdmission::CellBound
+        );
+        assert_eq!(
+            admit(&mut held, D0 + 100_000 * DAY_MS, 1, 8, i64::MIN),
+            DayAdmission::CellBound
+        );
     }
 }

@@ -21,6 +21,7 @@ use super::accounting::Mechanism;
 use super::contrib::{self, Admission};
 use super::daily::{self, DayAdmission};
 use super::domain;
+use super::held::Held;
 use super::mechanism::{self, NoiseError};
 use super::offer_stats;
 
@@ -98,8 +99,6 @@ pub struct Insights {
     /// Start of the newest released UTC day of the daily release (ms), `i64::MIN` if none;
     /// daily contributions to it or earlier days are late.
     days_through: Arc<AtomicI64>,
-    /// The daily release's in-memory bound (cells per device and unreleased day).
-    daily: Arc<daily::Held>,
     /// The current domain, for ingest (releases recompute theirs for the bucket's start).
     domain: Arc<RwLock<Arc<BTreeSet<u64>>>>,
     /// The bucket grid in force (fixed at start, see [`Grid`]).
@@ -158,7 +157,6 @@ impl Insights {
             released_through: Arc::new(AtomicI64::new(i64::MIN)),
             offer_stats_through: Arc::new(AtomicI64::new(i64::MIN)),
             days_through: Arc::new(AtomicI64::new(i64::MIN)),
-            daily: Arc::default(),
             domain: Arc::default(),
             grid: Arc::new(RwLock::new(Grid::fixed(len))),
             released_cost: Arc::default(),
@@ -216,8 +214,6 @@ impl Insights {
         if let Some(last) = self.store.last_daily_release().await? {
             self.days_through.fetch_max(last.millis(), Ordering::SeqCst);
         }
-        self.daily
-            .load(self.store.load_daily_contributions().await?);
         self.refresh_domain().await
     }
 
@@ -264,8 +260,12 @@ impl Insights {
             count("outside_domain");
             return None;
         }
-        let day_op = self.contribute_day(device, icell, observed_at, now, config);
-        let hour_op = self.contribute_hour(state, device, icell, observed_at, now, config);
+        // Both bounds live in one compact record per device (`privacy::held`), taken out of
+        // the device's state and put back once.
+        let mut held = state.take_held();
+        let day_op = self.contribute_day(&mut held, device, icell, observed_at, now, config);
+        let hour_op = self.contribute_hour(&mut held, device, icell, observed_at, now, config);
+        state.put_held(held);
         match (hour_op, day_op) {
             (Some(h), Some(d)) => Some(WriteOp::Many(vec![h, d])),
             (h, d) => h.or(d),
@@ -275,7 +275,7 @@ impl Insights {
     /// The hourly contribution (bounded per bucket and per any 24 hours).
     fn contribute_hour(
         &self,
-        state: &mut DeviceState,
+        held: &mut Held,
         device: DeviceId,
         icell: u64,
         observed_at: Timestamp,
@@ -294,12 +294,11 @@ impl Insights {
             count("late");
             return None;
         }
-        let held = state.contributions();
         contrib::prune(held, watermark);
         // The rolling budget in privacy-loss units: a pair released under another config
         // (a reload or restart mid-day) costs what its release's noise made it cost.
         let (pair_cost, budget) = hourly_pair_cost(config);
-        let is_new = !held.iter().any(|(b, c)| *b == bucket && *c == icell);
+        let is_new = !held.holds(bucket.millis(), icell);
         if is_new
             && !contrib::within_budget(held, bucket, |b| self.cost_of(b, config, pair_cost), budget)
         {
@@ -332,12 +331,17 @@ impl Insights {
                 count("bounded_day");
                 None
             }
+            Admission::Unrepresentable => {
+                count("unrepresentable");
+                None
+            }
         }
     }
 
     /// The daily contribution (bounded to `privacy.max_cells_per_day` cells per UTC day).
     fn contribute_day(
         &self,
+        held: &mut Held,
         device: DeviceId,
         icell: u64,
         observed_at: Timestamp,
@@ -356,7 +360,7 @@ impl Insights {
             return None;
         }
         let max_cells = config.privacy.max_cells_per_day;
-        match self.daily.admit(device, day, icell, max_cells, watermark) {
+        match daily::admit(held, day, icell, max_cells, watermark) {
             DayAdmission::New => {
                 count("recorded");
                 Some(WriteOp::ContributeDay {
@@ -479,7 +483,8 @@ impl Insights {
             {
                 released += 1;
             }
-            self.daily.prune(day);
+            // Each device forgets this day's cells at its next daily admission (the
+            // watermark above), as the hourly pairs are pruned: no sweep over the table.
         }
         Ok(released)
     }

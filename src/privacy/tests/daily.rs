@@ -79,6 +79,7 @@ async fn a_device_in_fifteen_cells_counts_in_at_most_k_daily_cells_across_releas
                     .load_contribution_spend(Timestamp(i64::MAX))
                     .await
                     .unwrap(),
+                r.store.load_daily_contributions().await.unwrap(),
             );
             r.presence = Presence::new(
                 devices.clone(),
