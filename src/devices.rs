@@ -548,7 +548,7 @@ impl Devices {
         if !absent && !replace {
             return;
         }
-        let state = shard.entry(id).or_default();
+        let state = shard.get_or_insert_default(id);
         state.purposes = stored.row.purposes;
         if absent {
             state.set_last_activity(stored.row.last_activity);
@@ -558,36 +558,43 @@ impl Devices {
             Some(d) => state.set_dwell(d),
             None => state.dwell = CompactDwell::default(),
         }
-        let extra = state.extra.get_or_insert_with(Default::default);
-        extra.sent = stored.notifications.iter().map(Sent::from).collect();
-        extra.meta = stored
-            .notifications
-            .iter()
-            .map(|n| (n.notification_id, n.cell))
-            .collect();
-        extra.standings = stored
-            .restrictions
-            .iter()
-            .map(|r| (r.merchant_id, Standing::from(r)))
-            .collect();
+        if !stored.notifications.is_empty() || !stored.restrictions.is_empty() {
+            let extra = state.extra_or_default();
+            extra.sent = stored.notifications.iter().map(Sent::from).collect();
+            extra.meta = stored
+                .notifications
+                .iter()
+                .map(|n| (n.notification_id, n.cell))
+                .collect();
+            extra.standings = stored
+                .restrictions
+                .iter()
+                .map(|r| (r.merchant_id, Standing::from(r)))
+                .collect();
+        } else if let Some(extra) = state.extra_mut() {
+            *extra = Extra::default();
+        }
         if absent {
             // Unreleased pairs with their cells; the rest of each bucket's spend (released
-            // pairs) without.
+            // pairs) as counts only. A pair that cannot be held is logged: the store's own
+            // check still bounds what is written.
+            let mut held = state.take_held();
+            let mut complete = true;
             for (bucket, pairs) in &stored.spend {
-                let cells: Vec<u64> = stored
-                    .contributions
-                    .iter()
-                    .filter(|(b, _)| b == bucket)
-                    .map(|(_, c)| *c)
-                    .collect();
-                let forgotten = (*pairs as usize).saturating_sub(cells.len());
-                extra
-                    .contrib
-                    .extend(cells.into_iter().map(|c| (*bucket, c)));
-                extra
-                    .contrib
-                    .extend((0..forgotten).map(|_| (*bucket, crate::privacy::contrib::FORGOTTEN)));
+                let mut cells = 0u32;
+                for (_, cell) in stored.contributions.iter().filter(|(b, _)| b == bucket) {
+                    complete &= held.push_pair(bucket.millis(), *cell);
+                    cells += 1;
+                }
+                let released = pairs.saturating_sub(cells);
+                if released > 0 {
+                    complete &= held.push_released(bucket.millis(), released);
+                }
             }
+            if !complete {
+                tracing::warn!("a looked-up device's contribution could not be held in memory");
+            }
+            state.put_held(held);
         }
     }
 

@@ -267,6 +267,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn ping(&self) -> Read<'_, ()>;
     fn latest_consent(&self, device: DeviceId) -> Read<'_, Option<ConsentReceipt>>;
     fn device_snapshot(&self, device: DeviceId) -> Read<'_, Option<DeviceSnapshot>>;
+    fn stored_device(&self, device: DeviceId) -> Read<'_, Option<StoredDevice>>;
+    fn live_nodes(&self) -> Read<'_, Vec<NodeRow>>;
     fn load_devices(&self) -> Read<'_, Vec<DeviceRow>>;
     fn load_notifications(&self, since: Timestamp) -> Read<'_, Vec<Notification>>;
     fn load_deliveries(&self, since: Timestamp) -> Read<'_, Vec<(OfferId, u64, Timestamp)>>;
@@ -347,6 +349,8 @@ macro_rules! forward_backend {
                 ping() -> ();
                 latest_consent(device: DeviceId) -> Option<ConsentReceipt>;
                 device_snapshot(device: DeviceId) -> Option<DeviceSnapshot>;
+                stored_device(device: DeviceId) -> Option<$crate::store::StoredDevice>;
+                live_nodes() -> Vec<$crate::model::NodeRow>;
                 load_devices() -> Vec<DeviceRow>;
                 load_notifications(since: Timestamp) -> Vec<Notification>;
                 load_deliveries(since: Timestamp) -> Vec<(OfferId, u64, Timestamp)>;
@@ -568,16 +572,12 @@ impl Store {
         &self,
         device: DeviceId,
     ) -> Result<Option<StoredDevice>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.stored_device(device).await,
-        }
+        self.backend.stored_device(device).await
     }
 
     /// The nodes sharing this store (not yet dropped), by join sequence.
     pub async fn live_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(s) => s.live_nodes().await,
-        }
+        self.backend.live_nodes().await
     }
 
     /// Checks the store answers (for health).

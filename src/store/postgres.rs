@@ -22,7 +22,7 @@ use writer::PgWriter;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Numbered migrations, embedded in the binary and run at start (the twins of SQLite's).
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "devices and consent",
@@ -57,6 +57,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "offer deliveries",
         include_str!("migrations/postgres/0007_offer_deliveries.sql"),
+    ),
+    (
+        8,
+        "nodes",
+        include_str!("migrations/postgres/0008_nodes.sql"),
     ),
 ];
 

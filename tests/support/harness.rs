@@ -110,11 +110,6 @@ impl TestServer {
         db_for(self.dir.path())
     }
 
-    /// The store's URL.
-    pub fn store_url(&self) -> String {
-        store_url(self.dir.path())
-    }
-
     /// Stops the server, waits for it to drain, and hands back its data dir.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.stop.take() {

@@ -12,13 +12,130 @@ use super::rows::{
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, CurrentCell, DeliveryRow, DeviceRow, DeviceSnapshot, Dwell, Feedback,
-    LedgerEntry, Merchant, MerchantId, Notification, Offer, OfferId, OfferStatRow,
+    LedgerEntry, Merchant, MerchantId, NodeRow, Notification, Offer, OfferId, OfferStatRow,
     OfferStatsLedgerEntry, Purposes, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
-use crate::store::StoreError;
+use crate::store::{StoreError, StoredDevice};
+
+/// Decodes a `devices` row (device, purposes, last_activity and the dwell columns).
+fn device_row_from_row(r: &sqlx::postgres::PgRow) -> Result<DeviceRow, StoreError> {
+    let cell: Option<i64> = r.try_get("cell")?;
+    let dwell = match cell {
+        Some(c) => Some(Dwell {
+            cell: c as u64,
+            anchor: r.try_get::<Option<i64>, _>("dwell_anchor")?.unwrap_or(c) as u64,
+            since: Timestamp(r.try_get::<Option<i64>, _>("cell_since")?.unwrap_or(0)),
+            last_seen: Timestamp(r.try_get::<Option<i64>, _>("cell_last_seen")?.unwrap_or(0)),
+        }),
+        None => None,
+    };
+    Ok(DeviceRow {
+        device: device_id(r, "device")?,
+        purposes: Purposes::from_bits(r.try_get::<i64, _>("purposes")? as u8),
+        last_activity: Timestamp(r.try_get("last_activity")?),
+        dwell,
+    })
+}
+
+/// One device as stored, read on `conn` (a reader's transaction, or the writer's inside the
+/// committing transaction — after the device row's lock — where
+/// [`WriteOp::DeliverChecked`](crate::store::WriteOp) runs its check on it).
+pub(super) async fn stored_device(
+    conn: &mut sqlx::PgConnection,
+    device: &DeviceId,
+) -> Result<Option<StoredDevice>, StoreError> {
+    let id = &device.0[..];
+    let Some(row) = sqlx::query(
+        "SELECT device, purposes, last_activity, cell, cell_since, cell_last_seen, dwell_anchor
+         FROM devices WHERE device = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let row = device_row_from_row(&row)?;
+    let notifications = sqlx::query(
+        "SELECT notification_id, device, offer_id, merchant_id, cell, sent_at, feedback
+         FROM notifications WHERE device = $1 ORDER BY sent_at, notification_id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(notification_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let restrictions = sqlx::query(
+        "SELECT device, merchant_id, muted, dismissals, backoff_until
+         FROM restrictions WHERE device = $1",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(restriction_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let pair = |r: &sqlx::postgres::PgRow, col: &str| -> Result<(Timestamp, i64), StoreError> {
+        Ok((Timestamp(r.try_get("bucket")?), r.try_get::<i64, _>(col)?))
+    };
+    let contributions = sqlx::query("SELECT bucket, cell FROM contributions WHERE device = $1")
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| pair(r, "cell").map(|(b, c)| (b, c as u64)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let spend = sqlx::query("SELECT bucket, pairs FROM contribution_spend WHERE device = $1")
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| pair(r, "pairs").map(|(b, p)| (b, p as u32)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(StoredDevice {
+        row,
+        notifications,
+        restrictions,
+        contributions,
+        spend,
+    }))
+}
 
 impl PgStore {
+    pub(crate) async fn live_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        sqlx::query("SELECT seq, node_id, beats, seen FROM nodes ORDER BY seq")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    node_id: r.try_get("node_id")?,
+                    seq: r.try_get("seq")?,
+                    beats: r.try_get("beats")?,
+                    seen: r.try_get("seen")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn stored_device(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<StoredDevice>, StoreError> {
+        let mut conn = self.readers.acquire().await?;
+        // One read-only transaction at REPEATABLE READ: the device is one snapshot across
+        // its tables.
+        let mut tx = conn.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let stored = stored_device(&mut tx, &device).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
     pub(crate) async fn latest_consent(
         &self,
         device: DeviceId,
@@ -144,26 +261,7 @@ impl PgStore {
         .fetch_all(&self.readers)
         .await?
         .iter()
-        .map(|r| {
-            let cell: Option<i64> = r.try_get("cell")?;
-            let dwell = match cell {
-                Some(c) => Some(Dwell {
-                    cell: c as u64,
-                    anchor: r.try_get::<Option<i64>, _>("dwell_anchor")?.unwrap_or(c) as u64,
-                    since: Timestamp(r.try_get::<Option<i64>, _>("cell_since")?.unwrap_or(0)),
-                    last_seen: Timestamp(
-                        r.try_get::<Option<i64>, _>("cell_last_seen")?.unwrap_or(0),
-                    ),
-                }),
-                None => None,
-            };
-            Ok(DeviceRow {
-                device: device_id(r, "device")?,
-                purposes: Purposes::from_bits(r.try_get::<i64, _>("purposes")? as u8),
-                last_activity: Timestamp(r.try_get("last_activity")?),
-                dwell,
-            })
-        })
+        .map(device_row_from_row)
         .collect()
     }
 

@@ -10,6 +10,7 @@
 //! committed before the lock was granted. Releases rely on the ledger's key
 //! (`ON CONFLICT DO NOTHING`: the second node waits for the first's commit, then yields 0).
 
+use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::daily;
@@ -20,7 +21,9 @@ use crate::model::{
     OfferId, OfferStatRow, OfferStatsLedgerEntry, Purpose, ReleasedCount, Restriction,
 };
 use crate::pseudonym::DeviceId;
-use crate::store::{DeliveryLimits, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, WriteOp, WriteResult};
+use crate::store::{
+    DeliveryLimits, DeviceCheck, NOTIFICATIONS_KEPT, RECEIPTS_KEPT, WriteOp, WriteResult,
+};
 
 pub(super) async fn apply_one(
     conn: &mut PgConnection,
@@ -36,14 +39,22 @@ pub(super) async fn apply_one(
             device,
             cell,
             bucket,
-        } => contribute(conn, device, cell, bucket).await,
+            max_cells,
+            max_per_day,
+        } => contribute(conn, device, *cell, *bucket, *max_cells, *max_per_day).await,
         WriteOp::Release { entry, counts } => release(conn, entry, counts).await,
         WriteOp::Presence { device, dwell, now } => presence(conn, device, dwell, now).await,
+        WriteOp::Seen { device, dwell, now } => seen(conn, device, dwell, now).await,
         WriteOp::Notify(n) => notify(conn, n, None).await,
         WriteOp::Deliver {
             notification,
             limits,
         } => notify(conn, notification, Some(*limits)).await,
+        WriteOp::DeliverChecked {
+            device,
+            check,
+            deliveries,
+        } => deliver_checked(conn, device, check, deliveries).await,
         WriteOp::Feedback {
             device,
             notification_id,
@@ -53,6 +64,8 @@ pub(super) async fn apply_one(
         } => record_feedback(conn, device, notification_id, feedback, restriction, now).await,
         WriteOp::ContributeDay { .. } | WriteOp::ReleaseDay { .. } => daily::apply(conn, op).await,
         WriteOp::ReleaseOfferStats { entry, rows } => release_offer_stats(conn, entry, rows).await,
+        WriteOp::Heartbeat { node_id, seen } => heartbeat(conn, node_id, *seen).await,
+        WriteOp::DropNode { node_id, beats } => drop_node(conn, node_id, *beats).await,
         WriteOp::PutMerchant(m) => put_merchant(conn, m).await,
         WriteOp::RevokeMerchant { merchant_id, at } => revoke_merchant(conn, merchant_id, at).await,
         WriteOp::PutOffer(o) => put_offer(conn, o).await,
@@ -184,23 +197,66 @@ async fn many(conn: &mut PgConnection, ops: &[WriteOp]) -> Result<WriteResult, s
 async fn contribute(
     conn: &mut PgConnection,
     device: &DeviceId,
-    cell: &u64,
-    bucket: &Timestamp,
+    cell: u64,
+    bucket: Timestamp,
+    max_cells: u32,
+    max_per_day: u32,
 ) -> Result<WriteResult, sqlx::Error> {
-    // Conditional on the device's consent in this very transaction: a contribution
-    // decided just before a withdrawal cannot outlive the erasure. The device row's lock
-    // serializes it with the device's other writes on every node.
+    // The device row's lock serializes this with the device's other writes on every node, so
+    // the spend read below is every node's and stays so until the commit.
     lock_device(conn, device).await?;
+    let id = &device.0[..];
+    let known =
+        sqlx::query("SELECT 1 FROM contributions WHERE bucket = $1 AND cell = $2 AND device = $3")
+            .bind(bucket.millis())
+            .bind(cell as i64)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if known.is_some() {
+        return Ok(WriteResult::Done);
+    }
+    // The bounds are decided on the device's stored spend (every node's pairs, released
+    // buckets' too, within reach of a window holding `bucket`) by the same rule the
+    // in-memory tracker applies, in this transaction: two nodes cannot jointly exceed them.
+    let window = crate::privacy::contrib::WINDOW_MS;
+    let mut held = crate::privacy::held::Held::default();
+    for r in sqlx::query(
+        "SELECT bucket, pairs FROM contribution_spend
+         WHERE device = $1 AND bucket > $2 AND bucket < $3",
+    )
+    .bind(id)
+    .bind(bucket.millis() - window)
+    .bind(bucket.millis() + window)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let pairs: i64 = r.try_get("pairs")?;
+        // Spend that cannot be held exactly refuses the contribution (fewer, never more).
+        if !held.push_released(
+            r.try_get("bucket")?,
+            u32::try_from(pairs).unwrap_or(u32::MAX),
+        ) {
+            return Ok(WriteResult::Done);
+        }
+    }
+    let admission = crate::privacy::contrib::admit(&mut held, bucket, cell, max_cells, max_per_day);
+    if admission != crate::privacy::contrib::Admission::New {
+        return Ok(WriteResult::Done);
+    }
+    // Conditional on the device's consent in this very transaction: a contribution
+    // decided just before a withdrawal cannot outlive the erasure; and on the bucket not
+    // being released (a report racing another node's release is dropped).
     let added = sqlx::query(
         "INSERT INTO contributions (bucket, cell, device)
          SELECT $1, $2, $3 WHERE EXISTS
-           (SELECT 1 FROM devices WHERE device = $4 AND (purposes & $5) != 0)
+           (SELECT 1 FROM devices WHERE device = $3 AND (purposes & $4) != 0)
+           AND NOT EXISTS (SELECT 1 FROM ledger WHERE bucket = $1)
          ON CONFLICT DO NOTHING",
     )
     .bind(bucket.millis())
-    .bind(*cell as i64)
-    .bind(&device.0[..])
-    .bind(&device.0[..])
+    .bind(cell as i64)
+    .bind(id)
     .bind(i64::from(Purpose::FootTraffic.bit()))
     .execute(&mut *conn)
     .await?
@@ -210,12 +266,38 @@ async fn contribute(
             "INSERT INTO contribution_spend (device, bucket, pairs) VALUES ($1, $2, 1)
              ON CONFLICT (device, bucket) DO UPDATE SET pairs = contribution_spend.pairs + 1",
         )
-        .bind(&device.0[..])
+        .bind(id)
         .bind(bucket.millis())
         .execute(&mut *conn)
         .await?;
     }
     Ok(WriteResult::Done)
+}
+
+/// The offers of one reply: recorded only if the device's caps, re-decided on its stored
+/// state in this transaction (after the device row's lock, so no other node's delivery to
+/// the device can commit in between), allow all of them (see [`WriteOp::DeliverChecked`]).
+async fn deliver_checked(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    check: &DeviceCheck,
+    deliveries: &[(Notification, DeliveryLimits)],
+) -> Result<WriteResult, sqlx::Error> {
+    lock_device(conn, device).await?;
+    let stored = super::reads::stored_device(&mut *conn, device)
+        .await
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    match stored {
+        Some(stored) if (check.0)(&stored) => {}
+        _ => return Ok(WriteResult::Count(0)),
+    }
+    let mut recorded = 0;
+    for (n, limits) in deliveries {
+        if let WriteResult::Count(k) = notify(conn, n, Some(*limits)).await? {
+            recorded += k;
+        }
+    }
+    Ok(WriteResult::Count(recorded))
 }
 
 async fn release(
@@ -285,6 +367,28 @@ async fn presence(
     Ok(WriteResult::Done)
 }
 
+async fn seen(
+    conn: &mut PgConnection,
+    device: &DeviceId,
+    dwell: &Dwell,
+    now: &Timestamp,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "UPDATE devices SET last_activity = GREATEST(last_activity, $1),
+           cell_last_seen = CASE WHEN cell = $2 AND COALESCE(dwell_anchor, cell) = $3
+             THEN GREATEST(COALESCE(cell_last_seen, 0), $4) ELSE cell_last_seen END
+         WHERE device = $5",
+    )
+    .bind(now.millis())
+    .bind(dwell.cell as i64)
+    .bind(dwell.anchor as i64)
+    .bind(dwell.last_seen.millis())
+    .bind(&device.0[..])
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
 async fn record_feedback(
     conn: &mut PgConnection,
     device: &DeviceId,
@@ -303,12 +407,16 @@ async fn record_feedback(
     .await?;
     if let Some(r) = restriction {
         // Conditional on the device row: feedback decided just before a withdrawal
-        // cannot leave a restriction behind the erasure.
+        // cannot leave a restriction behind the erasure. Merged, never lowered: a node whose
+        // memory of the standing is stale (another node recorded more dismissals, a longer
+        // back-off or a mute) cannot shorten what the store holds. (GREATEST ignores NULLs.)
         sqlx::query(
             "INSERT INTO restrictions (device, merchant_id, muted, dismissals, backoff_until)
              SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM devices WHERE device = $6)
-             ON CONFLICT (device, merchant_id) DO UPDATE SET muted = excluded.muted,
-               dismissals = excluded.dismissals, backoff_until = excluded.backoff_until",
+             ON CONFLICT (device, merchant_id) DO UPDATE
+               SET muted = GREATEST(restrictions.muted, excluded.muted),
+               dismissals = GREATEST(restrictions.dismissals, excluded.dismissals),
+               backoff_until = GREATEST(restrictions.backoff_until, excluded.backoff_until)",
         )
         .bind(&r.device.0[..])
         .bind(r.merchant_id.to_string())
@@ -367,6 +475,36 @@ async fn release_offer_stats(
         q.build().execute(&mut *conn).await?;
     }
     Ok(WriteResult::Count(1))
+}
+
+async fn heartbeat(
+    conn: &mut PgConnection,
+    node_id: &str,
+    seen: i64,
+) -> Result<WriteResult, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO nodes (node_id, beats, seen) VALUES ($1, 1, $2)
+         ON CONFLICT (node_id) DO UPDATE SET beats = nodes.beats + 1, seen = excluded.seen",
+    )
+    .bind(node_id)
+    .bind(seen)
+    .execute(&mut *conn)
+    .await?;
+    Ok(WriteResult::Done)
+}
+
+async fn drop_node(
+    conn: &mut PgConnection,
+    node_id: &str,
+    beats: i64,
+) -> Result<WriteResult, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM nodes WHERE node_id = $1 AND beats = $2")
+        .bind(node_id)
+        .bind(beats)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(WriteResult::Count(n))
 }
 
 async fn put_merchant(conn: &mut PgConnection, m: &Merchant) -> Result<WriteResult, sqlx::Error> {
@@ -572,6 +710,15 @@ pub(super) async fn lock_batch(
                 k.offers.push(n.offer_id.to_string());
                 k.cells.push(n.cell as i64);
             }
+            WriteOp::DeliverChecked {
+                device, deliveries, ..
+            } => {
+                k.devices.push(device.0.to_vec());
+                for (n, _) in deliveries {
+                    k.offers.push(n.offer_id.to_string());
+                    k.cells.push(n.cell as i64);
+                }
+            }
             WriteOp::ContributeDay { device, day, .. } => {
                 k.devices.push(device.0.to_vec());
                 k.days.push((day.millis(), false));
@@ -579,6 +726,7 @@ pub(super) async fn lock_batch(
             WriteOp::ReleaseDay { entry, .. } => k.days.push((entry.bucket.millis(), true)),
             WriteOp::Contribute { device, .. }
             | WriteOp::Presence { device, .. }
+            | WriteOp::Seen { device, .. }
             | WriteOp::Touch { device, .. }
             | WriteOp::Feedback { device, .. }
             | WriteOp::EraseDevice { device } => k.devices.push(device.0.to_vec()),

@@ -208,7 +208,7 @@ async fn contribute(
     // buckets' too, within reach of a window holding `bucket`) by the same rule the
     // in-memory tracker applies, in this transaction: two nodes cannot jointly exceed them.
     let window = crate::privacy::contrib::WINDOW_MS;
-    let mut held: Vec<(Timestamp, u64)> = Vec::new();
+    let mut held = crate::privacy::held::Held::default();
     for r in sqlx::query(
         "SELECT bucket, pairs FROM contribution_spend
          WHERE device = ? AND bucket > ? AND bucket < ?",
@@ -219,9 +219,14 @@ async fn contribute(
     .fetch_all(&mut *conn)
     .await?
     {
-        let b = Timestamp(r.try_get("bucket")?);
         let pairs: i64 = r.try_get("pairs")?;
-        held.extend((0..pairs).map(|_| (b, crate::privacy::contrib::FORGOTTEN)));
+        // Spend that cannot be held exactly refuses the contribution (fewer, never more).
+        if !held.push_released(
+            r.try_get("bucket")?,
+            u32::try_from(pairs).unwrap_or(u32::MAX),
+        ) {
+            return Ok(WriteResult::Done);
+        }
     }
     let admission = crate::privacy::contrib::admit(&mut held, bucket, cell, max_cells, max_per_day);
     if admission != crate::privacy::contrib::Admission::New {
