@@ -100,6 +100,8 @@ fn start_haproxy(dir: &std::path::Path, cfg: &str) -> Haproxy {
 struct Seen {
     consented: Vec<String>,
     offered: Vec<String>,
+    /// Reports answered without an offer, by reason.
+    no_offer: BTreeMap<i32, usize>,
     failures: BTreeMap<String, usize>,
     requests: usize,
 }
@@ -140,7 +142,7 @@ async fn client(
         };
         match presence.report_presence(req).await {
             Ok(r) if !r.get_ref().offers.is_empty() => seen.offered.push(token),
-            Ok(_) => {}
+            Ok(r) => *seen.no_offer.entry(r.get_ref().reason).or_default() += 1,
             Err(s) => *seen.failures.entry(format!("{:?}", s.code())).or_default() += 1,
         }
     }
@@ -211,6 +213,9 @@ async fn two_nodes_behind_haproxy_lose_only_in_flight_requests_when_one_is_kille
         all.consented.extend(s.consented);
         all.offered.extend(s.offered);
         all.requests += s.requests;
+        for (k, v) in s.no_offer {
+            *all.no_offer.entry(k).or_default() += v;
+        }
         for (k, v) in s.failures {
             *all.failures.entry(k).or_default() += v;
         }
