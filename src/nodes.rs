@@ -63,6 +63,20 @@ struct View {
     last_beat: Option<Instant>,
     /// Other nodes: their beat counter and when this node saw it change.
     others: HashMap<String, (i64, Instant)>,
+    /// Set by a serving node before its first beat: from then on its share needs a recent
+    /// successful beat (the lease) whether or not it has seen other nodes.
+    serving: bool,
+}
+
+/// Why a node serves no rate-limited report now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoShare {
+    /// Joining: the other live nodes have not all lowered their share yet (retry shortly).
+    Joining,
+    /// Its last successful beat is older than the lease: it cannot know its share (the
+    /// others may have dropped it and taken its share), so it serves none — the store is
+    /// unreachable from here, as far as this node can tell.
+    LeaseLapsed,
 }
 
 impl Nodes {
@@ -132,22 +146,35 @@ impl Nodes {
     }
 
     fn lease_held(&self, v: &View) -> bool {
-        v.live <= 1 || v.last_beat.is_some_and(|t| t.elapsed() < self.lease)
+        // A process that never serves (a one-off command, a test driving the domain) has no
+        // lease to hold; a serving node needs one even alone: a node cut off from the store
+        // cannot know that another did not drop it and take the whole limit.
+        !v.serving || v.last_beat.is_some_and(|t| t.elapsed() < self.lease)
+    }
+
+    /// Marks this node as serving (before its first beat): it serves rate-limited reports
+    /// only with a successful beat less than [`LEASE`] old, and, if its first beat fails,
+    /// not before a later one succeeds.
+    pub fn start_serving(&self) {
+        self.lock().serving = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// This node's share of a per-device rate limit (`per_hour`, `burst`), or `None` while it
-    /// may serve none (not yet admitted, or its lease lapsed).
-    pub fn share(&self, per_hour: u32, burst: u32) -> Option<(u32, u32)> {
+    /// This node's share of a per-device rate limit (`per_hour`, `burst`), or why it may
+    /// serve none now.
+    pub fn share(&self, per_hour: u32, burst: u32) -> Result<(u32, u32), NoShare> {
         let v = self.lock();
-        if !(v.admitted && self.lease_held(&v)) {
-            return None;
+        if !self.lease_held(&v) {
+            return Err(NoShare::LeaseLapsed);
+        }
+        if !v.admitted {
+            return Err(NoShare::Joining);
         }
         let n = v.live.max(1);
-        Some(((per_hour / n).max(1), (burst / n).max(1)))
+        Ok(((per_hour / n).max(1), (burst / n).max(1)))
     }
 
     /// Renews this node's row, drops nodes whose counter stood still for [`TIMEOUT`], and

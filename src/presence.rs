@@ -198,8 +198,13 @@ impl Presence {
         let (per_hour, burst) = self
             .nodes
             .share(limits.device_reports_per_hour, limits.device_burst)
-            .ok_or(PresenceError::RateLimited {
-                retry_after: crate::nodes::HEARTBEAT,
+            .map_err(|why| match why {
+                crate::nodes::NoShare::Joining => PresenceError::RateLimited {
+                    retry_after: crate::nodes::HEARTBEAT,
+                },
+                crate::nodes::NoShare::LeaseLapsed => PresenceError::Store(
+                    StoreError::Unavailable("this node cannot renew its membership".into()),
+                ),
             })?;
         state
             .rate_limit(now, per_hour, burst)

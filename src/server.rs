@@ -347,6 +347,7 @@ pub async fn run_with_metrics(
         // Membership of the nodes sharing the store: a first beat before serving (a node
         // joining live ones learns it must wait for them), then one every HEARTBEAT.
         let nodes = app.presence.nodes().clone();
+        nodes.start_serving();
         if let Err(e) = nodes.beat().await {
             tracing::warn!(error = %e, "node heartbeat failed; will retry");
         }

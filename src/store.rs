@@ -42,7 +42,9 @@ pub use postgres::testing as pg_testing;
 
 /// Receipts kept per device (older ones are dropped when a new one is stored).
 pub const RECEIPTS_KEPT: i64 = 10;
-/// Notifications kept per device (the log is bounded; older entries are dropped).
+/// Notifications kept per device beyond the last week (the log is bounded; older entries are
+/// dropped). Every notification of the last 7 days is kept whatever their number, since the
+/// weekly cap (`caps.per_device_per_week`, up to 700) is re-checked on the stored log.
 pub const NOTIFICATIONS_KEPT: i64 = 100;
 
 /// A storage failure. Details are logged where they happen; clients see only the kind.

@@ -507,6 +507,52 @@ async fn a_device_that_moved_at_one_node_is_not_offered_on_a_stale_dwell_at_the_
     assert_eq!(again.reason, Some(Reason::DwellNotMet));
 }
 
+/// The audit's variant: back at a cell *next to* the café (which a dwell tolerates), node A's
+/// stale memory would continue its old dwell and its cell-change write would put that old
+/// start over node B's newer dwell elsewhere; the store keeps a continued dwell's start only
+/// if the stored row is the dwell it continues.
+#[tokio::test]
+async fn a_stale_node_cannot_resurrect_an_old_dwell_from_a_neighbouring_cell() {
+    let (clock, shared) = manual_clock(T0);
+    let (a, b, _dir) = open_pair(open_caps(), shared).await;
+    merchant(&a, &b, "cafe", &[centre()], 1000, clock.now()).await;
+    let moved = consenting(&a, "device-that-hops-00001").await;
+    let first = a
+        .presence
+        .report(report(moved, centre(), clock.now()))
+        .await
+        .unwrap();
+    assert_eq!(first.reason, Some(Reason::DwellNotMet));
+    clock.advance(Duration::from_secs(120));
+    b.presence
+        .report(report(moved, elsewhere(), clock.now()))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(240));
+    let next_door = centre()
+        .grid_disk::<Vec<_>>(1)
+        .into_iter()
+        .find(|c| *c != centre())
+        .unwrap();
+    let stale = a
+        .presence
+        .report(report(moved, next_door, clock.now()))
+        .await
+        .unwrap();
+    assert!(
+        stale.offers.is_empty(),
+        "A continued its 6-minute dwell from memory; the device was elsewhere 4 minutes ago"
+    );
+    let stored = a.store.stored_device(moved).await.unwrap().unwrap();
+    assert!(stored.notifications.is_empty());
+    let dwell = stored.row.dwell.unwrap();
+    assert_eq!(
+        (dwell.cell, dwell.since),
+        (u64::from(next_door), clock.now()),
+        "the stored dwell starts at this report"
+    );
+}
+
 #[tokio::test]
 async fn consent_given_at_one_node_is_honoured_at_the_other_without_a_restart() {
     let (clock, shared) = manual_clock(T0);
@@ -819,7 +865,7 @@ async fn the_rate_limit_holds_across_two_nodes() {
 
 #[tokio::test]
 async fn a_node_that_stops_beating_stops_serving_before_the_others_drop_it() {
-    use hexveil::nodes::Nodes;
+    use hexveil::nodes::{NoShare, Nodes};
     let (_, shared) = manual_clock(T0);
     let (a, b, _dir) = open_pair(open_caps(), shared).await;
     // Membership alone, with short timings (drop after 600 ms, lease 300 ms).
@@ -828,14 +874,16 @@ async fn a_node_that_stops_beating_stops_serving_before_the_others_drop_it() {
             .with_timing(Duration::from_millis(600), Duration::from_millis(300))
     };
     let (na, nb) = (timing(&a), timing(&b));
+    na.start_serving();
+    nb.start_serving();
     na.beat().await.unwrap();
     nb.beat().await.unwrap();
     na.beat().await.unwrap();
     na.beat().await.unwrap();
     nb.beat().await.unwrap();
     assert!(na.admitted() && nb.admitted());
-    assert_eq!(na.share(60, 4), Some((30, 2)));
-    assert_eq!(nb.share(60, 4), Some((30, 2)));
+    assert_eq!(na.share(60, 4), Ok((30, 2)));
+    assert_eq!(nb.share(60, 4), Ok((30, 2)));
     // B stops beating (a crash, a pause, a partition). A drops it after the timeout; from
     // the moment A's share rises, B (had it survived) serves nothing: its lease lapsed first.
     let started = std::time::Instant::now();
@@ -853,10 +901,14 @@ async fn a_node_that_stops_beating_stops_serving_before_the_others_drop_it() {
     );
     assert_eq!(
         na.share(60, 4),
-        Some((60, 4)),
+        Ok((60, 4)),
         "A alone takes the whole limit"
     );
-    assert_eq!(nb.share(60, 4), None, "B still served after A's share rose");
+    assert_eq!(
+        nb.share(60, 4),
+        Err(NoShare::LeaseLapsed),
+        "B still served after A's share rose"
+    );
     // B comes back: its row is gone, so it rejoins and waits until A has counted it.
     nb.beat().await.unwrap();
     assert!(!nb.admitted());
@@ -865,6 +917,22 @@ async fn a_node_that_stops_beating_stops_serving_before_the_others_drop_it() {
     nb.beat().await.unwrap();
     assert!(nb.admitted());
     assert_eq!((na.live(), nb.live()), (2, 2));
+    // A serving node alone needs its lease too (the audit's case): cut off from the store,
+    // it cannot know that another node did not drop it and take the whole limit.
+    let alone = timing(&a);
+    alone.start_serving();
+    assert_eq!(alone.share(60, 4), Err(NoShare::LeaseLapsed), "no beat yet");
+    // A and B stop beating; the new node drops them after the timeout and is alone.
+    let started = std::time::Instant::now();
+    alone.beat().await.unwrap();
+    while alone.live() > 1 || alone.share(60, 4).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "never alone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        alone.beat().await.unwrap();
+    }
+    assert_eq!(alone.share(60, 4), Ok((60, 4)));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(alone.share(60, 4), Err(NoShare::LeaseLapsed));
 }
 
 #[tokio::test]

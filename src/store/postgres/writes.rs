@@ -158,6 +158,18 @@ async fn expire_idle(
     conn: &mut PgConnection,
     cutoff: &Timestamp,
 ) -> Result<WriteResult, sqlx::Error> {
+    // The idle devices' rows are locked first (in key order, like every batch's device locks)
+    // and re-checked under the lock: a device another node marks active meanwhile is not
+    // swept, and none is half swept (its children deleted, its row kept).
+    let idle: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT device FROM devices WHERE last_activity < $1 ORDER BY device FOR UPDATE",
+    )
+    .bind(cutoff.millis())
+    .fetch_all(&mut *conn)
+    .await?;
+    if idle.is_empty() {
+        return Ok(WriteResult::Count(0));
+    }
     for table in [
         "consent_receipts",
         "contributions",
@@ -166,17 +178,14 @@ async fn expire_idle(
         "notifications",
         "restrictions",
     ] {
-        let sql = format!(
-            "DELETE FROM {table} WHERE device IN
-               (SELECT device FROM devices WHERE last_activity < $1)"
-        );
+        let sql = format!("DELETE FROM {table} WHERE device = ANY($1)");
         sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(cutoff.millis())
+            .bind(&idle)
             .execute(&mut *conn)
             .await?;
     }
-    let n = sqlx::query("DELETE FROM devices WHERE last_activity < $1")
-        .bind(cutoff.millis())
+    let n = sqlx::query("DELETE FROM devices WHERE device = ANY($1)")
+        .bind(&idle)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -205,6 +214,7 @@ async fn contribute(
     // The device row's lock serializes this with the device's other writes on every node, so
     // the spend read below is every node's and stays so until the commit.
     lock_device(conn, device).await?;
+    lock_bucket(conn, bucket.millis(), false).await?;
     let id = &device.0[..];
     let known =
         sqlx::query("SELECT 1 FROM contributions WHERE bucket = $1 AND cell = $2 AND device = $3")
@@ -305,6 +315,10 @@ async fn release(
     entry: &LedgerEntry,
     counts: &[ReleasedCount],
 ) -> Result<WriteResult, sqlx::Error> {
+    // Exclusive: no contribution to this bucket commits while it is released here (it
+    // waits, then finds the ledger entry and is dropped), so none is left behind the
+    // deletion of the bucket's raw contributions below.
+    lock_bucket(conn, entry.bucket.millis(), true).await?;
     let inserted = sqlx::query(
         "INSERT INTO ledger (bucket, bucket_len_ms, released_at, mechanism, scale,
            rho, epsilon, l1_sensitivity, l2_sensitivity, threshold, cells)
@@ -346,6 +360,12 @@ async fn release(
     Ok(WriteResult::Count(1))
 }
 
+/// Stores the device's dwell. A dwell that continues an earlier one (it did not start with
+/// this report) keeps its start only if the stored row is the dwell it continues (same
+/// anchor, same start to the second — memory keeps whole seconds): another node may have
+/// stored a move since, and a node's stale memory must not resurrect an old dwell over it.
+/// Otherwise the dwell is stored as starting at this report (fewer offers, never more); the
+/// reply's caps are re-checked on the stored row, and a refused node reloads it.
 async fn presence(
     conn: &mut PgConnection,
     device: &DeviceId,
@@ -353,8 +373,12 @@ async fn presence(
     now: &Timestamp,
 ) -> Result<WriteResult, sqlx::Error> {
     sqlx::query(
-        "UPDATE devices SET cell = $1, cell_since = $2, cell_last_seen = $3, dwell_anchor = $4,
-           last_activity = $5 WHERE device = $6",
+        "UPDATE devices SET cell = $1, cell_last_seen = $3, last_activity = $5,
+           cell_since = CASE WHEN $2 = $3 OR (COALESCE(dwell_anchor, cell) = $4
+             AND ABS(cell_since - $2) < 1000) THEN $2 ELSE $3 END,
+           dwell_anchor = CASE WHEN $2 = $3 OR (COALESCE(dwell_anchor, cell) = $4
+             AND ABS(cell_since - $2) < 1000) THEN $4 ELSE $1 END
+         WHERE device = $6",
     )
     .bind(dwell.cell as i64)
     .bind(dwell.since.millis())
@@ -614,6 +638,12 @@ async fn notify(
         .bind(n.offer_id.to_string())
         .execute(&mut *conn)
         .await?;
+    // The merchant row shared: a revocation (an UPDATE of it) waits for this delivery's
+    // commit, or this delivery waits for the revocation's and then sees it.
+    sqlx::query("SELECT 1 FROM merchants WHERE merchant_id = $1 FOR SHARE")
+        .bind(n.merchant_id.to_string())
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(n.cell as i64)
         .execute(&mut *conn)
@@ -664,13 +694,15 @@ async fn notify(
         .bind(n.sent_at.millis() - 86_400_000)
         .execute(&mut *conn)
         .await?;
+    // The last week is kept whole (the weekly cap is re-checked on it), older entries only
+    // up to NOTIFICATIONS_KEPT.
     sqlx::query(
-        "DELETE FROM notifications WHERE device = $1 AND notification_id NOT IN
-           (SELECT notification_id FROM notifications WHERE device = $2
+        "DELETE FROM notifications WHERE device = $1 AND sent_at <= $2 AND notification_id NOT IN
+           (SELECT notification_id FROM notifications WHERE device = $1
             ORDER BY sent_at DESC LIMIT $3)",
     )
     .bind(device)
-    .bind(device)
+    .bind(n.sent_at.minus(crate::caps::WEEK).millis())
     .bind(NOTIFICATIONS_KEPT)
     .execute(&mut *conn)
     .await?;
@@ -683,8 +715,10 @@ async fn notify(
 }
 
 /// Takes, at the start of a batch's transaction, the locks its ops will take, in one global
-/// order (device rows by key, then offer rows by key, then cell advisory locks by cell, then
-/// day advisory locks by day — exclusive for a `ReleaseDay`, shared for a `ContributeDay`): two
+/// order (device rows by key, then offer rows by key, then merchant rows (shared) by key, then
+/// cell advisory locks by cell, then
+/// day advisory locks by day — exclusive for a `ReleaseDay`, shared for a `ContributeDay` —,
+/// then hourly buckets' likewise for `Release` and `Contribute`): two
 /// nodes' batches then never wait for each other in a cycle on them. The ops take the same
 /// locks again (a no-op in the same transaction), so correctness never depends on this
 /// (PostgreSQL-only: one SQLite writer has nothing to order against).
@@ -696,9 +730,12 @@ pub(super) async fn lock_batch(
     struct Keys {
         devices: Vec<Vec<u8>>,
         offers: Vec<String>,
+        merchants: Vec<String>,
         cells: Vec<i64>,
         /// (day, exclusive)
         days: Vec<(i64, bool)>,
+        /// (hourly bucket, exclusive)
+        buckets: Vec<(i64, bool)>,
     }
     fn collect(op: &WriteOp, k: &mut Keys) {
         match op {
@@ -708,6 +745,7 @@ pub(super) async fn lock_batch(
             } => {
                 k.devices.push(n.device.0.to_vec());
                 k.offers.push(n.offer_id.to_string());
+                k.merchants.push(n.merchant_id.to_string());
                 k.cells.push(n.cell as i64);
             }
             WriteOp::DeliverChecked {
@@ -716,6 +754,7 @@ pub(super) async fn lock_batch(
                 k.devices.push(device.0.to_vec());
                 for (n, _) in deliveries {
                     k.offers.push(n.offer_id.to_string());
+                    k.merchants.push(n.merchant_id.to_string());
                     k.cells.push(n.cell as i64);
                 }
             }
@@ -724,8 +763,12 @@ pub(super) async fn lock_batch(
                 k.days.push((day.millis(), false));
             }
             WriteOp::ReleaseDay { entry, .. } => k.days.push((entry.bucket.millis(), true)),
-            WriteOp::Contribute { device, .. }
-            | WriteOp::Presence { device, .. }
+            WriteOp::Release { entry, .. } => k.buckets.push((entry.bucket.millis(), true)),
+            WriteOp::Contribute { device, bucket, .. } => {
+                k.devices.push(device.0.to_vec());
+                k.buckets.push((bucket.millis(), false));
+            }
+            WriteOp::Presence { device, .. }
             | WriteOp::Seen { device, .. }
             | WriteOp::Touch { device, .. }
             | WriteOp::Feedback { device, .. }
@@ -746,8 +789,10 @@ pub(super) async fn lock_batch(
     let Keys {
         devices,
         offers,
+        merchants,
         mut cells,
         mut days,
+        mut buckets,
     } = k;
     if !devices.is_empty() {
         sqlx::query("SELECT 1 FROM devices WHERE device = ANY($1) ORDER BY device FOR UPDATE")
@@ -760,6 +805,14 @@ pub(super) async fn lock_batch(
             .bind(offers)
             .execute(&mut *conn)
             .await?;
+    }
+    if !merchants.is_empty() {
+        sqlx::query(
+            "SELECT 1 FROM merchants WHERE merchant_id = ANY($1) ORDER BY merchant_id FOR SHARE",
+        )
+        .bind(merchants)
+        .execute(&mut *conn)
+        .await?;
     }
     if !cells.is_empty() {
         cells.sort_unstable();
@@ -778,7 +831,23 @@ pub(super) async fn lock_batch(
     for (day, exclusive) in days {
         lock_day(conn, day, exclusive).await?;
     }
+    buckets.sort_unstable_by_key(|&(bucket, exclusive)| (bucket, !exclusive));
+    buckets.dedup_by_key(|(bucket, _)| *bucket);
+    for (bucket, exclusive) in buckets {
+        lock_bucket(conn, bucket, exclusive).await?;
+    }
     Ok(())
+}
+
+/// Takes the advisory lock of an hourly bucket until the transaction ends: shared by its
+/// contributions, exclusive for its release (like [`lock_day`] for days). Its key is the
+/// bucket start negated: day keys are day starts and cell keys H3 indexes, both positive.
+pub(super) async fn lock_bucket(
+    conn: &mut PgConnection,
+    bucket: i64,
+    exclusive: bool,
+) -> Result<(), sqlx::Error> {
+    lock_day(conn, -bucket, exclusive).await
 }
 
 /// Takes the advisory lock of a UTC day until the transaction ends: shared by the day's

@@ -333,6 +333,12 @@ async fn release(
     Ok(WriteResult::Count(1))
 }
 
+/// Stores the device's dwell. A dwell that continues an earlier one (it did not start with
+/// this report) keeps its start only if the stored row is the dwell it continues (same
+/// anchor, same start to the second — memory keeps whole seconds): another node may have
+/// stored a move since, and a node's stale memory must not resurrect an old dwell over it.
+/// Otherwise the dwell is stored as starting at this report (fewer offers, never more); the
+/// reply's caps are re-checked on the stored row, and a refused node reloads it.
 async fn presence(
     conn: &mut SqliteConnection,
     device: &DeviceId,
@@ -340,8 +346,12 @@ async fn presence(
     now: &Timestamp,
 ) -> Result<WriteResult, sqlx::Error> {
     sqlx::query(
-        "UPDATE devices SET cell = ?, cell_since = ?, cell_last_seen = ?, dwell_anchor = ?,
-           last_activity = ? WHERE device = ?",
+        "UPDATE devices SET cell = ?1, cell_last_seen = ?3, last_activity = ?5,
+           cell_since = CASE WHEN ?2 = ?3 OR (COALESCE(dwell_anchor, cell) = ?4
+             AND ABS(cell_since - ?2) < 1000) THEN ?2 ELSE ?3 END,
+           dwell_anchor = CASE WHEN ?2 = ?3 OR (COALESCE(dwell_anchor, cell) = ?4
+             AND ABS(cell_since - ?2) < 1000) THEN ?4 ELSE ?1 END
+         WHERE device = ?6",
     )
     .bind(dwell.cell as i64)
     .bind(dwell.since.millis())
@@ -642,12 +652,15 @@ async fn notify(
         .bind(n.sent_at.millis() - 86_400_000)
         .execute(&mut *conn)
         .await?;
+    // The last week is kept whole (the weekly cap is re-checked on it), older entries only
+    // up to NOTIFICATIONS_KEPT.
     sqlx::query(
-        "DELETE FROM notifications WHERE device = ? AND notification_id NOT IN
+        "DELETE FROM notifications WHERE device = ? AND sent_at <= ? AND notification_id NOT IN
            (SELECT notification_id FROM notifications WHERE device = ?
             ORDER BY sent_at DESC LIMIT ?)",
     )
     .bind(device)
+    .bind(n.sent_at.minus(crate::caps::WEEK).millis())
     .bind(device)
     .bind(NOTIFICATIONS_KEPT)
     .execute(&mut *conn)
