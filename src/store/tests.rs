@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::pg_testing::{self, TestSchema};
-use super::{DeliveryLimits, Store, StoreError, WriteOp};
+use super::{DeliveryLimits, NOTIFICATIONS_KEPT, Store, StoreError, WriteOp};
 use crate::clock::Timestamp;
 use crate::model::{
     ConsentReceipt, Dwell, Feedback, LedgerEntry, Merchant, Notification, Offer, OpeningHours,
@@ -192,6 +192,27 @@ async fn every_write_and_read_means_the_same_on_every_backend() {
             since: Timestamp(T0),
             last_seen: Timestamp(T0 + 60_000),
         };
+        // A dwell that continues one the store does not hold restarts at its report (another
+        // node may have stored a move); one that continues the stored dwell keeps its start.
+        let presence = |dwell| WriteOp::Presence {
+            device: device(1),
+            dwell,
+            now: Timestamp(T0 + 60_000),
+        };
+        store.write(presence(dwell)).await.unwrap();
+        let stored = store.stored_device(device(1)).await.unwrap().unwrap();
+        assert_eq!(
+            stored.row.dwell.map(|d| d.since),
+            Some(Timestamp(T0 + 60_000)),
+            "{name}: no stored dwell to continue"
+        );
+        store
+            .write(presence(Dwell {
+                last_seen: Timestamp(T0),
+                ..dwell
+            }))
+            .await
+            .unwrap();
         store
             .write(WriteOp::Presence {
                 device: device(1),
@@ -764,5 +785,45 @@ async fn a_batch_aborted_by_a_deadlock_is_retried_and_commits() {
     for d in [1, 2] {
         let row = devices.iter().find(|r| r.device == device(d)).unwrap();
         assert_eq!(row.last_activity, Timestamp(T0 + 5));
+    }
+}
+
+/// The weekly cap (`caps.per_device_per_week`, up to 700) is re-checked on the stored log, so
+/// a device's last week is kept whole; only older notifications are trimmed, down to
+/// `NOTIFICATIONS_KEPT`.
+#[tokio::test]
+async fn the_last_week_of_notifications_is_kept_whole() {
+    for Under { name, store, .. } in backends("the_last_week_of_notifications_is_kept_whole").await
+    {
+        store
+            .write(WriteOp::PutMerchant(merchant(1)))
+            .await
+            .unwrap();
+        store
+            .write(WriteOp::PutOffer(offer(1, 7, CELL, 1_000)))
+            .await
+            .unwrap();
+        store.write(consent(1, 3, T0)).await.unwrap();
+        let week = 7 * 86_400_000;
+        // 150 older than a week (oldest first), then 250 within the last week.
+        let old = (0..150).map(|i| T0 - 2 * week + i * 60_000);
+        let recent = (0..250).map(|i| T0 + i * 60_000);
+        for at in old.chain(recent) {
+            let n = notification(1, 1, 7, CELL, at);
+            assert_eq!(store.write_count(WriteOp::Notify(n)).await.unwrap(), 1);
+        }
+        let stored = store.stored_device(device(1)).await.unwrap().unwrap();
+        let last = T0 + 249 * 60_000;
+        let in_week = stored
+            .notifications
+            .iter()
+            .filter(|n| n.sent_at.millis() > last - week)
+            .count();
+        assert_eq!(in_week, 250, "{name}: every notification of the last week");
+        assert_eq!(
+            stored.notifications.len(),
+            250,
+            "{name}: older ones trimmed (the last week holds more than {NOTIFICATIONS_KEPT})"
+        );
     }
 }
