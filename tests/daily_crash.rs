@@ -14,9 +14,9 @@ use harness::*;
 /// domain cell once (zeros included).
 #[tokio::test]
 async fn kill_9_during_a_daily_release_still_releases_the_day_once() {
-    use sqlx::{Connection, Row};
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let url = store_url(dir.path());
+    let db = db_for(dir.path());
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -90,32 +90,21 @@ async fn kill_9_during_a_daily_release_still_releases_the_day_once() {
     // Let the job run again: it must not release anything twice.
     tokio::time::sleep(Duration::from_secs(6)).await;
     restarted.terminate();
-    let mut conn = sqlx::SqliteConnection::connect(&format!("{url}?mode=ro"))
-        .await
-        .unwrap();
-    let ledger: Vec<(i64, i64)> = sqlx::query("SELECT day, cells FROM daily_ledger ORDER BY day")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let ledger = query_pairs(&db, "SELECT day, cells FROM daily_ledger ORDER BY day").await;
     assert_eq!(ledger.len(), 1, "{ledger:?}");
     assert_eq!(ledger[0].0, yesterday);
-    let rows: i64 = sqlx::query("SELECT COUNT(*) FROM daily_releases WHERE day = ?")
-        .bind(yesterday)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-        .get(0);
+    let rows = query_i64(
+        &db,
+        &format!("SELECT COUNT(*) FROM daily_releases WHERE day = {yesterday}"),
+    )
+    .await;
     assert_eq!(rows, ledger[0].1, "every domain cell once");
     assert!(ledger[0].1 > 90_000);
-    let other: i64 = sqlx::query("SELECT COUNT(*) FROM daily_releases WHERE day != ?")
-        .bind(yesterday)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-        .get(0);
+    let other = query_i64(
+        &db,
+        &format!("SELECT COUNT(*) FROM daily_releases WHERE day != {yesterday}"),
+    )
+    .await;
     assert_eq!(other, 0, "today is not due");
     eprintln!("kill -9 landed mid-release: {crashed_mid_release}");
 }

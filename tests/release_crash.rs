@@ -19,9 +19,9 @@ fn set(token: &str) -> pb::SetConsentRequest {
 #[tokio::test]
 async fn kill_9_during_a_release_still_releases_each_bucket_once() {
     use hexveil::api::pb::presence_service_client::PresenceServiceClient;
-    use sqlx::{Connection, Row};
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/hexveil.db", dir.path().display());
+    let url = store_url(dir.path());
+    let db = db_for(dir.path());
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -112,34 +112,20 @@ async fn kill_9_during_a_release_still_releases_each_bucket_once() {
     // Let the job run again: it must not release anything twice.
     tokio::time::sleep(Duration::from_secs(6)).await;
     restarted.terminate();
-    let mut conn = sqlx::SqliteConnection::connect(&format!("{url}?mode=ro"))
-        .await
-        .unwrap();
-    let ledger: Vec<(i64, i64)> = sqlx::query("SELECT bucket, cells FROM ledger ORDER BY bucket")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let ledger = query_pairs(&db, "SELECT bucket, cells FROM ledger ORDER BY bucket").await;
     assert!(!ledger.is_empty());
     let buckets: std::collections::BTreeSet<i64> = ledger.iter().map(|(b, _)| *b).collect();
     assert_eq!(buckets.len(), ledger.len(), "one ledger entry per bucket");
     for (bucket, cells) in &ledger {
-        let rows: i64 = sqlx::query("SELECT COUNT(*) FROM releases WHERE bucket = ?")
-            .bind(bucket)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap()
-            .get(0);
+        let rows = query_i64(
+            &db,
+            &format!("SELECT COUNT(*) FROM releases WHERE bucket = {bucket}"),
+        )
+        .await;
         assert_eq!(rows, *cells, "bucket {bucket}: every domain cell once");
         assert!(*cells > 90_000);
     }
-    let raw: i64 = sqlx::query("SELECT COUNT(*) FROM contributions")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-        .get(0);
+    let raw = query_i64(&db, "SELECT COUNT(*) FROM contributions").await;
     assert_eq!(raw, 0, "raw contributions of released buckets are gone");
     eprintln!("kill -9 landed mid-release: {crashed_mid_release}");
 }

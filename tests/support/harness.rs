@@ -571,3 +571,29 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The rows of a parameterless `sql` of two integer columns, on either backend (the SQL must
+/// mean the same in both: inline integer literals, no placeholders).
+pub async fn query_pairs(db: &Db, sql: &str) -> Vec<(i64, i64)> {
+    use sqlx::{Connection, Row};
+    let sql = sqlx::AssertSqlSafe(sql.to_string());
+    match db {
+        Db::Sqlite(path) => {
+            let url = format!("sqlite://{}?mode=ro", path.display());
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let rows = sqlx::query(sql).fetch_all(&mut conn).await.unwrap();
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
+        Db::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            let rows = sqlx::query(sql).fetch_all(&mut conn).await.unwrap();
+            let _ = conn.close().await;
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
+    }
+}
+
+/// The one integer a parameterless `sql` returns (e.g. a `COUNT(*)`), on either backend.
+pub async fn query_i64(db: &Db, sql: &str) -> i64 {
+    query_pairs(db, &format!("SELECT ({sql}), CAST(0 AS BIGINT)")).await[0].0
+}
