@@ -12,7 +12,7 @@ use std::time::Duration;
 use harness::*;
 use hexveil::caps::{DAY, WEEK};
 use hexveil::clock::{Clock, Timestamp};
-use hexveil::config::{CapsConfig, Config, Dur, QuietHours};
+use hexveil::config::{CapsConfig, Config};
 use hexveil::model::{Feedback, Purpose, Purposes};
 use hexveil::presence::Report;
 use hexveil::settings::Settings;
@@ -60,28 +60,6 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-fn caps(
-    per_day: u32,
-    per_week: u32,
-    interval_min: u64,
-    per_merchant: u32,
-    quiet: bool,
-) -> CapsConfig {
-    CapsConfig {
-        min_dwell: Dur::mins(5),
-        quiet_hours: if quiet {
-            "21:00-09:00".parse().unwrap()
-        } else {
-            QuietHours(None)
-        },
-        min_interval: Dur::mins(interval_min),
-        per_device_per_day: per_day,
-        per_device_per_week: per_week,
-        per_merchant_per_device_per_week: per_merchant,
-        ..CapsConfig::default()
-    }
-}
-
 fn cells() -> Vec<h3o::CellIndex> {
     let centre = h3o::LatLng::new(35.68, 139.76)
         .unwrap()
@@ -94,7 +72,7 @@ fn cells() -> Vec<h3o::CellIndex> {
 async fn run(actions: Vec<Action>) -> Result<usize, String> {
     let (clock, shared) = manual_clock(1_767_614_400_000);
     let mut config = Config {
-        caps: caps(3, 10, 120, 1, true),
+        caps: property_caps(3, 10, 120, 1, true),
         ..Config::default()
     };
     config.rate_limits.device_reports_per_hour = 3_600_000;
@@ -201,7 +179,7 @@ async fn run(actions: Vec<Action>) -> Result<usize, String> {
                 // never attributes a new cap to a notification sent at the same instant.
                 clock.advance(Duration::from_millis(1));
                 let mut next = app.settings.current().config.clone();
-                next.caps = caps(per_day, per_week, interval_min, per_merchant, quiet);
+                next.caps = property_caps(per_day, per_week, interval_min, per_merchant, quiet);
                 app.settings.replace(Settings::new(next.clone()).unwrap());
                 timeline.push((clock.now(), next.caps));
             }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use harness::*;
 use hexveil::caps::{DAY, Reason, WEEK};
 use hexveil::clock::{Clock, SharedClock, Timestamp};
-use hexveil::config::{CapsConfig, Config, Dur, QuietHours};
+use hexveil::config::{CapsConfig, Config, QuietHours};
 use hexveil::model::{Feedback, Merchant, Offer, Purpose, Purposes};
 use hexveil::presence::Report;
 use hexveil::pseudonym::DeviceId;
@@ -173,33 +173,11 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-fn caps(
-    per_day: u32,
-    per_week: u32,
-    interval_min: u64,
-    per_merchant: u32,
-    quiet: bool,
-) -> CapsConfig {
-    CapsConfig {
-        min_dwell: Dur::mins(5),
-        quiet_hours: if quiet {
-            "21:00-09:00".parse().unwrap()
-        } else {
-            QuietHours(None)
-        },
-        min_interval: Dur::mins(interval_min),
-        per_device_per_day: per_day,
-        per_device_per_week: per_week,
-        per_merchant_per_device_per_week: per_merchant,
-        ..CapsConfig::default()
-    }
-}
-
 /// One run over two nodes: the number of notifications stored, or the first violation.
 async fn run(actions: Vec<Action>) -> Result<usize, String> {
     let (clock, shared) = manual_clock(T0);
     let mut config = base_config();
-    config.caps = caps(3, 10, 120, 1, true);
+    config.caps = property_caps(3, 10, 120, 1, true);
     let (a, b, _dir) = open_pair(config.clone(), shared).await;
     let nodes = [&a, &b];
     let cells = cells();
@@ -298,7 +276,7 @@ async fn run(actions: Vec<Action>) -> Result<usize, String> {
             } => {
                 clock.advance(Duration::from_millis(1));
                 let mut next = a.settings.current().config.clone();
-                next.caps = caps(per_day, per_week, interval_min, per_merchant, quiet);
+                next.caps = property_caps(per_day, per_week, interval_min, per_merchant, quiet);
                 for app in nodes {
                     app.settings.replace(Settings::new(next.clone()).unwrap());
                 }

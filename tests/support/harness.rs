@@ -597,3 +597,27 @@ pub async fn query_pairs(db: &Db, sql: &str) -> Vec<(i64, i64)> {
 pub async fn query_i64(db: &Db, sql: &str) -> i64 {
     query_pairs(db, &format!("SELECT ({sql}), CAST(0 AS BIGINT)")).await[0].0
 }
+
+/// The caps the property tests draw (`tests/caps_property.rs` on one node, `tests/nodes.rs`
+/// on two): a 5-minute dwell and the given limits.
+pub fn property_caps(
+    per_day: u32,
+    per_week: u32,
+    interval_min: u64,
+    per_merchant: u32,
+    quiet: bool,
+) -> hexveil::config::CapsConfig {
+    hexveil::config::CapsConfig {
+        min_dwell: hexveil::config::Dur::mins(5),
+        quiet_hours: if quiet {
+            "21:00-09:00".parse().unwrap()
+        } else {
+            hexveil::config::QuietHours(None)
+        },
+        min_interval: hexveil::config::Dur::mins(interval_min),
+        per_device_per_day: per_day,
+        per_device_per_week: per_week,
+        per_merchant_per_device_per_week: per_merchant,
+        ..hexveil::config::CapsConfig::default()
+    }
+}
